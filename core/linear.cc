@@ -1,0 +1,65 @@
+#include "core/linear.h"
+
+#include <ATen/ATen.h>
+
+#include "absl/strings/str_cat.h"
+
+namespace moelora {
+
+absl::string_view ProjectionName(ProjectionKind kind) {
+  switch (kind) {
+    case ProjectionKind::kQ:
+      return "q_proj";
+    case ProjectionKind::kK:
+      return "k_proj";
+    case ProjectionKind::kV:
+      return "v_proj";
+    case ProjectionKind::kO:
+      return "o_proj";
+    case ProjectionKind::kGate:
+      return "gate_proj";
+    case ProjectionKind::kUp:
+      return "up_proj";
+    case ProjectionKind::kDown:
+      return "down_proj";
+  }
+  return "unknown";
+}
+
+absl::string_view ProjectionParent(ProjectionKind kind) {
+  switch (kind) {
+    case ProjectionKind::kGate:
+    case ProjectionKind::kUp:
+    case ProjectionKind::kDown:
+      return "mlp";
+    default:
+      return "self_attn";
+  }
+}
+
+std::optional<ProjectionKind> ProjectionFromName(absl::string_view name) {
+  for (int i = 0; i < kNumProjectionKinds; ++i) {
+    const auto kind = static_cast<ProjectionKind>(i);
+    if (ProjectionName(kind) == name) return kind;
+  }
+  return std::nullopt;
+}
+
+std::string ProjectionId::ModulePath() const {
+  return absl::StrCat("model.layers.", layer, ".", ProjectionParent(kind), ".",
+                      ProjectionName(kind));
+}
+
+Linear::Linear(ProjectionId id, at::Tensor weight, at::Tensor bias)
+    : id_(id), weight_(std::move(weight)), bias_(std::move(bias)) {}
+
+int64_t Linear::in_features() const { return weight_.size(1); }
+int64_t Linear::out_features() const { return weight_.size(0); }
+
+at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta) const {
+  at::Tensor y = at::linear(x, weight_, bias_);
+  if (delta != nullptr) y = delta->Apply(id_, x, std::move(y));
+  return y;
+}
+
+}  // namespace moelora

@@ -1,0 +1,67 @@
+#ifndef MOELORA_CORE_LINEAR_H_
+#define MOELORA_CORE_LINEAR_H_
+
+// The one linear layer every decoder projection goes through. Adapters (the mixture of LoRA
+// experts) hook in through LinearDelta, so there is no second model class for adapted models.
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include <ATen/core/Tensor.h>
+
+namespace moelora {
+
+// The projections of a decoder layer, named as HF modules and PEFT's target_modules name them.
+enum class ProjectionKind { kQ, kK, kV, kO, kGate, kUp, kDown };
+inline constexpr int kNumProjectionKinds = 7;
+
+// "q_proj", "k_proj", ..., "down_proj".
+absl::string_view ProjectionName(ProjectionKind kind);
+// "self_attn" for q/k/v/o, "mlp" for gate/up/down.
+absl::string_view ProjectionParent(ProjectionKind kind);
+std::optional<ProjectionKind> ProjectionFromName(absl::string_view name);
+
+struct ProjectionId {
+  int64_t layer = 0;
+  ProjectionKind kind = ProjectionKind::kQ;
+
+  // "model.layers.3.self_attn.q_proj", the HF module path.
+  std::string ModulePath() const;
+};
+
+// Adds a per-token term to a projection's output inside one forward.
+class LinearDelta {
+ public:
+  virtual ~LinearDelta() = default;
+  // x: [tokens, in] the projection's input; base_output: [tokens, out] = x·Wᵀ + b.
+  // Returns the final output (may update base_output in place and return it).
+  virtual at::Tensor Apply(const ProjectionId& id, const at::Tensor& x,
+                           at::Tensor base_output) const = 0;
+};
+
+class Linear {
+ public:
+  Linear() = default;
+  // weight: [out, in]; bias: [out] or undefined.
+  Linear(ProjectionId id, at::Tensor weight, at::Tensor bias);
+
+  // x: [tokens, in] -> [tokens, out]. `delta` may be null (plain base model).
+  at::Tensor Forward(const at::Tensor& x, const LinearDelta* delta) const;
+
+  const ProjectionId& id() const { return id_; }
+  const at::Tensor& weight() const { return weight_; }
+  const at::Tensor& bias() const { return bias_; }
+  int64_t in_features() const;
+  int64_t out_features() const;
+
+ private:
+  ProjectionId id_;
+  at::Tensor weight_;
+  at::Tensor bias_;
+};
+
+}  // namespace moelora
+
+#endif  // MOELORA_CORE_LINEAR_H_

@@ -1,0 +1,413 @@
+#include "core/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <set>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/checkpoint.h"
+#include "core/status_macros.h"
+
+namespace moelora {
+namespace {
+
+at::Tensor LongTensor(const std::vector<int64_t>& values, c10::Device device) {
+  return at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(device);
+}
+
+at::Tensor RotateHalf(const at::Tensor& x) {
+  const int64_t half = x.size(-1) / 2;
+  return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+}
+
+// x: [tokens, heads, head_dim]; cos/sin: [tokens, head_dim] in x's dtype.
+at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  return x * cos.unsqueeze(1) + RotateHalf(x) * sin.unsqueeze(1);
+}
+
+at::Tensor Activate(const at::Tensor& x, Activation activation) {
+  switch (activation) {
+    case Activation::kSilu:
+      return at::silu(x);
+    case Activation::kGeluTanh:
+      return at::gelu(x, "tanh");
+    case Activation::kGeluExact:
+      return at::gelu(x);
+  }
+  return x;
+}
+
+std::string ShapeString(at::IntArrayRef shape) { return absl::StrCat("[", absl::StrJoin(shape, ", "), "]"); }
+
+}  // namespace
+
+int64_t KvCache::bytes() const {
+  int64_t total = 0;
+  for (const auto& t : keys_) total += t.numel() * t.element_size();
+  for (const auto& t : values_) total += t.numel() * t.element_size();
+  return total;
+}
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
+                                                   const LoadOptions& options) {
+  if (!at::isFloatingType(options.dtype)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("model dtype must be floating point, got ", c10::toString(options.dtype)));
+  }
+  std::unique_ptr<Model> model(new Model());
+  model->options_ = options;
+  ASSIGN_OR_RETURN(model->config_, ModelConfig::FromFile(dir + "/config.json"));
+  try {
+    RETURN_IF_ERROR(model->LoadWeights(dir));
+    model->inv_freq_ = model->RopeInverseFrequencies().to(options.device);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("loading model from ", dir, ": ", e.what_without_backtrace()));
+  }
+  return model;
+}
+
+absl::Status Model::LoadWeights(const std::string& dir) {
+  ASSIGN_OR_RETURN(Checkpoint checkpoint, Checkpoint::OpenDirectory(dir));
+  const ModelConfig& c = config_;
+  auto load = [&](const std::string& name,
+                  std::vector<int64_t> shape) -> absl::StatusOr<at::Tensor> {
+    ASSIGN_OR_RETURN(at::Tensor tensor, checkpoint.Get(name, shape));
+    if (!at::isFloatingType(tensor.scalar_type())) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' in ",
+                                                     checkpoint.Location(name), ": dtype ",
+                                                     c10::toString(tensor.scalar_type()),
+                                                     ", expected a floating-point type"));
+    }
+    return tensor.to(options_.device, options_.dtype).contiguous();
+  };
+  // RMSNorm weights; Gemma's (1 + w) is folded in once, in fp32 where the norm runs.
+  auto load_norm = [&](const std::string& name) -> absl::StatusOr<at::Tensor> {
+    ASSIGN_OR_RETURN(at::Tensor w, load(name, {c.hidden_size}));
+    if (c.norm_weight_plus_one) return w.to(at::kFloat) + 1.0;
+    return w;
+  };
+  ASSIGN_OR_RETURN(embed_tokens_, load("model.embed_tokens.weight", {c.vocab_size, c.hidden_size}));
+  ASSIGN_OR_RETURN(final_norm_, load_norm("model.norm.weight"));
+  if (c.tie_word_embeddings) {
+    lm_head_ = embed_tokens_;
+  } else {
+    ASSIGN_OR_RETURN(lm_head_, load("lm_head.weight", {c.vocab_size, c.hidden_size}));
+  }
+
+  layers_.resize(c.num_hidden_layers);
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    Layer& layer = layers_[i];
+    const std::string prefix = absl::StrCat("model.layers.", i, ".");
+    ASSIGN_OR_RETURN(layer.input_norm, load_norm(prefix + "input_layernorm.weight"));
+    ASSIGN_OR_RETURN(layer.post_attention_norm,
+                     load_norm(prefix + "post_attention_layernorm.weight"));
+    for (int k = 0; k < kNumProjectionKinds; ++k) {
+      const auto kind = static_cast<ProjectionKind>(k);
+      int64_t out = c.hidden_size, in = c.hidden_size;
+      bool has_bias = c.attention_bias;
+      switch (kind) {
+        case ProjectionKind::kQ:
+          out = c.q_size();
+          has_bias |= c.qkv_bias;
+          break;
+        case ProjectionKind::kK:
+        case ProjectionKind::kV:
+          out = c.kv_size();
+          has_bias |= c.qkv_bias;
+          break;
+        case ProjectionKind::kO:
+          in = c.q_size();
+          break;
+        case ProjectionKind::kGate:
+        case ProjectionKind::kUp:
+          out = c.intermediate_size;
+          has_bias = c.mlp_bias;
+          break;
+        case ProjectionKind::kDown:
+          in = c.intermediate_size;
+          has_bias = c.mlp_bias;
+          break;
+      }
+      const ProjectionId id{i, kind};
+      const std::string path = id.ModulePath();
+      ASSIGN_OR_RETURN(at::Tensor weight, load(path + ".weight", {out, in}));
+      at::Tensor bias;
+      if (has_bias) {
+        ASSIGN_OR_RETURN(bias, load(path + ".bias", {out}));
+      }
+      layer.projections[k] = Linear(id, std::move(weight), std::move(bias));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// HF's default RoPE frequencies (computed in fp32 as transformers does), with llama3 scaling.
+at::Tensor Model::RopeInverseFrequencies() const {
+  const int64_t dim = config_.head_dim;
+  at::Tensor exponents = at::arange(0, dim, 2, at::kLong).to(at::kFloat) / static_cast<double>(dim);
+  at::Tensor inv_freq = 1.0 / at::pow(config_.rope_theta, exponents);
+  if (!config_.llama3_rope_scaling.has_value()) return inv_freq;
+  const Llama3RopeScaling& s = *config_.llama3_rope_scaling;
+  const double old_context = static_cast<double>(s.original_max_position_embeddings);
+  const double low_freq_wavelen = old_context / s.low_freq_factor;
+  const double high_freq_wavelen = old_context / s.high_freq_factor;
+  at::Tensor wavelen = 2.0 * M_PI / inv_freq;
+  at::Tensor scaled = at::where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq);
+  at::Tensor smooth =
+      (old_context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+  at::Tensor smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled;
+  at::Tensor medium = at::logical_not(wavelen < high_freq_wavelen)
+                          .logical_and(at::logical_not(wavelen > low_freq_wavelen));
+  return at::where(medium, smoothed, scaled);
+}
+
+absl::StatusOr<KvCache> Model::CreateKvCache(int64_t num_slots, int64_t max_seq_len) const {
+  if (num_slots <= 0 || max_seq_len <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("KV cache needs slots > 0 and max_seq_len > 0, got ",
+                                                   num_slots, " and ", max_seq_len));
+  }
+  KvCache cache;
+  cache.max_seq_len_ = max_seq_len;
+  cache.lengths_.assign(num_slots, 0);
+  const auto tensor_options = at::TensorOptions().dtype(options_.dtype).device(options_.device);
+  try {
+    for (int64_t i = 0; i < config_.num_hidden_layers; ++i) {
+      const std::vector<int64_t> shape = {num_slots, max_seq_len, config_.num_key_value_heads,
+                                          config_.head_dim};
+      cache.keys_.push_back(at::zeros(shape, tensor_options));
+      cache.values_.push_back(at::zeros(shape, tensor_options));
+    }
+  } catch (const c10::Error& e) {
+    return absl::ResourceExhaustedError(absl::StrCat("allocating a KV cache of ", num_slots, " x ",
+                                                     max_seq_len, " tokens: ",
+                                                     e.what_without_backtrace()));
+  }
+  return cache;
+}
+
+absl::Status Model::ValidateBatch(const std::vector<SequenceInput>& batch,
+                                  const KvCache& cache) const {
+  if (batch.empty()) return absl::InvalidArgumentError("forward: empty batch");
+  if (static_cast<int64_t>(cache.keys_.size()) != config_.num_hidden_layers) {
+    return absl::InvalidArgumentError("forward: KV cache was not created by this model");
+  }
+  std::set<int64_t> slots;
+  for (size_t b = 0; b < batch.size(); ++b) {
+    const SequenceInput& seq = batch[b];
+    if (seq.slot < 0 || seq.slot >= cache.num_slots()) {
+      return absl::InvalidArgumentError(absl::StrCat("forward: sequence ", b, " uses slot ",
+                                                     seq.slot, ", cache has ", cache.num_slots()));
+    }
+    if (!slots.insert(seq.slot).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("forward: slot ", seq.slot, " appears twice in one batch"));
+    }
+    if (seq.tokens.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("forward: sequence ", b, " has no tokens"));
+    }
+    for (int64_t token : seq.tokens) {
+      if (token < 0 || token >= config_.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("forward: sequence ", b, " has token id ",
+                                                       token, " outside [0, ",
+                                                       config_.vocab_size, ")"));
+      }
+    }
+    const int64_t total = cache.length(seq.slot) + static_cast<int64_t>(seq.tokens.size());
+    if (total > cache.max_seq_len()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("forward: sequence ", b, " would hold ", total,
+                       " tokens, more than the KV cache's max_seq_len ", cache.max_seq_len()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+at::Tensor Model::EmbedTensor(const at::Tensor& ids) const {
+  at::Tensor h = at::embedding(embed_tokens_, ids);
+  if (config_.scale_embeddings) {
+    // transformers rounds sqrt(hidden) to the activation dtype before multiplying.
+    h = h * at::scalar_tensor(std::sqrt(static_cast<double>(config_.hidden_size)), h.options());
+  }
+  return h;
+}
+
+absl::StatusOr<at::Tensor> Model::Embed(const std::vector<int64_t>& tokens) const {
+  for (int64_t token : tokens) {
+    if (token < 0 || token >= config_.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("embed: token id ", token, " outside [0, ", config_.vocab_size, ")"));
+    }
+  }
+  try {
+    return EmbedTensor(LongTensor(tokens, options_.device));
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("embed: ", e.what_without_backtrace()));
+  }
+}
+
+at::Tensor Model::RmsNorm(const at::Tensor& x, const at::Tensor& weight) const {
+  at::Tensor xf = x.to(at::kFloat);
+  xf = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + config_.rms_norm_eps);
+  if (config_.norm_weight_plus_one) return (xf * weight).to(x.scalar_type());
+  return weight * xf.to(x.scalar_type());
+}
+
+const Linear& Model::projection(int64_t layer, ProjectionKind kind) const {
+  return layers_.at(layer).projections[static_cast<int>(kind)];
+}
+
+int64_t Model::parameter_bytes() const {
+  auto bytes = [](const at::Tensor& t) { return t.defined() ? t.numel() * t.element_size() : 0; };
+  int64_t total = bytes(embed_tokens_) + bytes(final_norm_);
+  if (!config_.tie_word_embeddings) total += bytes(lm_head_);
+  for (const Layer& layer : layers_) {
+    total += bytes(layer.input_norm) + bytes(layer.post_attention_norm);
+    for (const Linear& linear : layer.projections) {
+      total += bytes(linear.weight()) + bytes(linear.bias());
+    }
+  }
+  return total;
+}
+
+absl::StatusOr<ForwardOutput> Model::Forward(const std::vector<SequenceInput>& batch,
+                                             KvCache& cache, const ForwardOptions& options) const {
+  RETURN_IF_ERROR(ValidateBatch(batch, cache));
+  try {
+    return ForwardValidated(batch, cache, options);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("forward of ", batch.size(), " sequences: ",
+                                            e.what_without_backtrace()));
+  }
+}
+
+ForwardOutput Model::ForwardValidated(const std::vector<SequenceInput>& batch, KvCache& cache,
+                                      const ForwardOptions& options) const {
+  const ModelConfig& c = config_;
+  const c10::Device device = options_.device;
+  const int64_t num_seqs = static_cast<int64_t>(batch.size());
+
+  // Packed-token bookkeeping, built on the host once per forward.
+  int64_t max_new = 0, max_total = 0;
+  for (const SequenceInput& seq : batch) {
+    const int64_t n = static_cast<int64_t>(seq.tokens.size());
+    max_new = std::max(max_new, n);
+    max_total = std::max(max_total, cache.length(seq.slot) + n);
+  }
+  ForwardOutput output;
+  output.token_offsets.push_back(0);
+  std::vector<int64_t> ids, positions, token_slots, padded_rows, slots, past, totals, last_rows;
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const SequenceInput& seq = batch[b];
+    const int64_t start = cache.length(seq.slot);
+    const int64_t n = static_cast<int64_t>(seq.tokens.size());
+    for (int64_t t = 0; t < n; ++t) {
+      ids.push_back(seq.tokens[t]);
+      positions.push_back(start + t);
+      token_slots.push_back(seq.slot);
+      padded_rows.push_back(b * max_new + t);
+    }
+    slots.push_back(seq.slot);
+    past.push_back(start);
+    totals.push_back(start + n);
+    output.token_offsets.push_back(output.token_offsets.back() + n);
+    last_rows.push_back(output.token_offsets.back() - 1);
+  }
+  const int64_t num_tokens = static_cast<int64_t>(ids.size());
+  const at::Tensor ids_t = LongTensor(ids, device);
+  const at::Tensor positions_t = LongTensor(positions, device);
+  const at::Tensor token_slots_t = LongTensor(token_slots, device);
+  const at::Tensor padded_rows_t = LongTensor(padded_rows, device);
+  const at::Tensor slots_t = LongTensor(slots, device);
+
+  // RoPE angles in fp32, cast to the activation dtype as transformers does.
+  const at::Tensor freqs = positions_t.to(at::kFloat).unsqueeze(1) * inv_freq_.unsqueeze(0);
+  const at::Tensor angles = at::cat({freqs, freqs}, -1);
+  const at::Tensor cos = angles.cos().to(options_.dtype);
+  const at::Tensor sin = angles.sin().to(options_.dtype);
+
+  // Attention mask [seqs, 1, 1, max_new, max_total]: causal, within the sequence's length, and
+  // within Mistral's sliding window.
+  const at::Tensor key_pos = at::arange(max_total, at::TensorOptions().dtype(at::kLong).device(device));
+  const at::Tensor query_pos =
+      LongTensor(past, device).view({num_seqs, 1}) +
+      at::arange(max_new, at::TensorOptions().dtype(at::kLong).device(device)).view({1, max_new});
+  at::Tensor allowed = key_pos.view({1, 1, max_total}).le(query_pos.unsqueeze(2))
+                           .logical_and(key_pos.view({1, 1, max_total})
+                                            .lt(LongTensor(totals, device).view({num_seqs, 1, 1})));
+  if (c.sliding_window > 0) {
+    allowed = allowed.logical_and(
+        (query_pos.unsqueeze(2) - key_pos.view({1, 1, max_total})).lt(c.sliding_window));
+  }
+  const at::Tensor blocked = allowed.logical_not().view({num_seqs, 1, 1, max_new, max_total});
+
+  const int64_t heads = c.num_attention_heads, kv_heads = c.num_key_value_heads, d = c.head_dim;
+  const int64_t groups = heads / kv_heads;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const LinearDelta* delta = options.delta;
+  auto proj = [&](const Layer& layer, ProjectionKind kind, const at::Tensor& x) {
+    return layer.projections[static_cast<int>(kind)].Forward(x, delta);
+  };
+
+  at::Tensor h = EmbedTensor(ids_t);  // [tokens, hidden]
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const Layer& layer = layers_[l];
+    at::Tensor x = RmsNorm(h, layer.input_norm);
+    at::Tensor q = proj(layer, ProjectionKind::kQ, x).view({num_tokens, heads, d});
+    at::Tensor k = proj(layer, ProjectionKind::kK, x).view({num_tokens, kv_heads, d});
+    at::Tensor v = proj(layer, ProjectionKind::kV, x).view({num_tokens, kv_heads, d});
+    q = ApplyRope(q, cos, sin);
+    k = ApplyRope(k, cos, sin);
+    cache.keys_[l].index_put_({token_slots_t, positions_t}, k);
+    cache.values_[l].index_put_({token_slots_t, positions_t}, v);
+
+    // [seqs, kv_heads, max_total, d]
+    const at::Tensor keys =
+        cache.keys_[l].index_select(0, slots_t).narrow(1, 0, max_total).permute({0, 2, 1, 3});
+    const at::Tensor values =
+        cache.values_[l].index_select(0, slots_t).narrow(1, 0, max_total).permute({0, 2, 1, 3});
+    // Queries padded to [seqs, heads, max_new, d], grouped per KV head (head = kv * groups + g,
+    // as transformers' repeat_kv orders them) so GQA needs no copy of the keys.
+    const at::Tensor padded_q = at::zeros({num_seqs * max_new, heads, d}, q.options())
+                                    .index_copy_(0, padded_rows_t, q)
+                                    .view({num_seqs, max_new, heads, d})
+                                    .permute({0, 2, 1, 3})
+                                    .reshape({num_seqs, kv_heads, groups * max_new, d});
+    at::Tensor scores = at::matmul(padded_q, keys.transpose(-1, -2)) * scale;
+    scores = scores.view({num_seqs, kv_heads, groups, max_new, max_total})
+                 .to(at::kFloat)
+                 .masked_fill(blocked, -std::numeric_limits<float>::infinity());
+    const at::Tensor probs = at::softmax(scores, -1)
+                                 .to(options_.dtype)
+                                 .view({num_seqs, kv_heads, groups * max_new, max_total});
+    const at::Tensor attended = at::matmul(probs, values)
+                                    .view({num_seqs, heads, max_new, d})
+                                    .permute({0, 2, 1, 3})
+                                    .reshape({num_seqs * max_new, heads * d})
+                                    .index_select(0, padded_rows_t);
+    h = h + proj(layer, ProjectionKind::kO, attended);
+
+    x = RmsNorm(h, layer.post_attention_norm);
+    const at::Tensor gated =
+        Activate(proj(layer, ProjectionKind::kGate, x), c.activation) * proj(layer, ProjectionKind::kUp, x);
+    h = h + proj(layer, ProjectionKind::kDown, gated);
+  }
+  h = RmsNorm(h, final_norm_);
+
+  if (options.return_hidden) output.hidden = h;
+  const at::Tensor selected = options.all_logits ? h : h.index_select(0, LongTensor(last_rows, device));
+  output.logits = at::linear(selected, lm_head_);
+  // Only now, with every step done, do the slots own their new tokens.
+  for (const SequenceInput& seq : batch) {
+    cache.lengths_[seq.slot] += static_cast<int64_t>(seq.tokens.size());
+  }
+  return output;
+}
+
+}  // namespace moelora

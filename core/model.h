@@ -1,0 +1,129 @@
+#ifndef MOELORA_CORE_MODEL_H_
+#define MOELORA_CORE_MODEL_H_
+
+// The decoder for llama / mistral / qwen2 / gemma checkpoints, with a slot-based KV cache.
+//
+// Token layout: a forward takes a batch of sequences, each with its new tokens (a whole prompt
+// on prefill, one token per step on decode, or any mix). The new tokens of all sequences are
+// packed into one [tokens, hidden] matrix for every projection, so a per-token adapter weight is
+// a plain row index; only attention pads them to [batch, heads, max_new, head_dim].
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include "absl/status/statusor.h"
+#include "core/linear.h"
+#include "core/model_config.h"
+
+namespace moelora {
+
+struct LoadOptions {
+  c10::Device device = c10::Device(c10::kCPU);
+  // Weights and activations; RMSNorm statistics, RoPE angles and softmax run in fp32 whatever it is.
+  at::ScalarType dtype = at::kFloat;
+};
+
+// Keys and values of every layer for `num_slots` sequences of up to `max_seq_len` tokens.
+// A sequence owns a slot from its first token to its end; the cache records how many tokens each
+// slot holds. Layout per layer: [slots, max_seq_len, kv_heads, head_dim].
+class KvCache {
+ public:
+  KvCache() = default;
+  int64_t num_slots() const { return static_cast<int64_t>(lengths_.size()); }
+  int64_t max_seq_len() const { return max_seq_len_; }
+  int64_t length(int64_t slot) const { return lengths_.at(slot); }
+  // Forget a slot's tokens (when its sequence ends); the memory stays allocated.
+  void Reset(int64_t slot) { lengths_.at(slot) = 0; }
+  int64_t bytes() const;
+
+ private:
+  friend class Model;
+  int64_t max_seq_len_ = 0;
+  std::vector<int64_t> lengths_;
+  std::vector<at::Tensor> keys_;    // one per layer
+  std::vector<at::Tensor> values_;  // one per layer
+};
+
+// One sequence's part of a forward: its cache slot and the tokens to append.
+struct SequenceInput {
+  int64_t slot = 0;
+  std::vector<int64_t> tokens;
+};
+
+struct ForwardOptions {
+  // Logits of every new token ([tokens, vocab], packed in input order) instead of only the last
+  // token of each sequence ([sequences, vocab]).
+  bool all_logits = false;
+  // Also return the final (normed) hidden state of every new token.
+  bool return_hidden = false;
+  // Adapter hook applied in every projection; null for the base model.
+  const LinearDelta* delta = nullptr;
+};
+
+struct ForwardOutput {
+  at::Tensor logits;  // model dtype, on the model's device
+  at::Tensor hidden;  // [tokens, hidden] when requested
+  // Row offsets of each sequence's tokens in the packed layout (size sequences + 1).
+  std::vector<int64_t> token_offsets;
+};
+
+class Model {
+ public:
+  // Reads `dir`/config.json and the safetensors weights (single file or sharded), checks every
+  // tensor's shape against the config and places the weights on the device in the dtype asked.
+  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir,
+                                                     const LoadOptions& options = {});
+
+  const ModelConfig& config() const { return config_; }
+  const LoadOptions& options() const { return options_; }
+
+  absl::StatusOr<KvCache> CreateKvCache(int64_t num_slots, int64_t max_seq_len) const;
+
+  // Appends each sequence's tokens to its slot and returns logits. Slots must be distinct; token
+  // ids in range; the slot's length plus new tokens within max_seq_len. On error the cache is left
+  // as it was for every slot's length (InvalidArgument for bad input, Internal for a torch error).
+  absl::StatusOr<ForwardOutput> Forward(const std::vector<SequenceInput>& batch, KvCache& cache,
+                                        const ForwardOptions& options = {}) const;
+
+  // Token embeddings (Gemma's scale included) of the given ids: [n, hidden]. Routers read these.
+  absl::StatusOr<at::Tensor> Embed(const std::vector<int64_t>& tokens) const;
+
+  // Every projection, for adapters to validate shapes against: projection(layer, kind).
+  const Linear& projection(int64_t layer, ProjectionKind kind) const;
+  int64_t parameter_bytes() const;
+
+ private:
+  struct Layer {
+    at::Tensor input_norm;
+    at::Tensor post_attention_norm;
+    Linear projections[kNumProjectionKinds];
+  };
+
+  Model() = default;
+  absl::Status LoadWeights(const std::string& dir);
+  absl::Status ValidateBatch(const std::vector<SequenceInput>& batch, const KvCache& cache) const;
+  // The forward proper; throws c10::Error, which Forward turns into a Status.
+  ForwardOutput ForwardValidated(const std::vector<SequenceInput>& batch, KvCache& cache,
+                                 const ForwardOptions& options) const;
+  at::Tensor EmbedTensor(const at::Tensor& ids) const;
+  at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight) const;
+  at::Tensor RopeInverseFrequencies() const;
+
+  ModelConfig config_;
+  LoadOptions options_;
+  at::Tensor embed_tokens_;
+  at::Tensor final_norm_;
+  at::Tensor lm_head_;
+  at::Tensor inv_freq_;  // [head_dim / 2], fp32
+  std::vector<Layer> layers_;
+};
+
+}  // namespace moelora
+
+#endif  // MOELORA_CORE_MODEL_H_

@@ -1,0 +1,32 @@
+#ifndef MOELORA_CORE_RANDOM_MODEL_H_
+#define MOELORA_CORE_RANDOM_MODEL_H_
+
+// Deterministic random checkpoints in Hugging Face layout: the demo's built-in default model and
+// the raw material of tests that need a model to corrupt or to adapt.
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "core/model_config.h"
+
+namespace moelora {
+
+// A tiny config of the given family (a few hundred KB of fp32 weights).
+ModelConfig TinyModelConfig(ModelType type);
+
+struct RandomModelOptions {
+  uint64_t seed = 0;
+  // Split the weights over this many shards with a model.safetensors.index.json (1 = one file).
+  int num_shards = 1;
+  // Standard deviation of projection and embedding weights.
+  double weight_std = 0.15;
+};
+
+// Writes `dir`/config.json and the weights (created with the directory if needed).
+absl::Status WriteRandomModel(const std::string& dir, const ModelConfig& config,
+                              const RandomModelOptions& options = {});
+
+}  // namespace moelora
+
+#endif  // MOELORA_CORE_RANDOM_MODEL_H_
