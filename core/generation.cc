@@ -1,9 +1,9 @@
 #include "core/generation.h"
 
-#include <algorithm>
-
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"

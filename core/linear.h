@@ -4,12 +4,13 @@
 // The one linear layer every decoder projection goes through. Adapters (the mixture of LoRA
 // experts) hook in through LinearDelta, so there is no second model class for adapted models.
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <optional>
 #include <string>
-#include "absl/strings/string_view.h"
 
-#include <ATen/core/Tensor.h>
+#include "absl/strings/string_view.h"
 
 namespace moelora {
 

@@ -1,12 +1,12 @@
 #include "core/model.h"
 
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <set>
-
-#include <ATen/ATen.h>
-#include <c10/util/Exception.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -43,7 +43,9 @@ at::Tensor Activate(const at::Tensor& x, Activation activation) {
   return x;
 }
 
-std::string ShapeString(at::IntArrayRef shape) { return absl::StrCat("[", absl::StrJoin(shape, ", "), "]"); }
+std::string ShapeString(at::IntArrayRef shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
 
 }  // namespace
 
@@ -80,10 +82,9 @@ absl::Status Model::LoadWeights(const std::string& dir) {
                   std::vector<int64_t> shape) -> absl::StatusOr<at::Tensor> {
     ASSIGN_OR_RETURN(at::Tensor tensor, checkpoint.Get(name, shape));
     if (!at::isFloatingType(tensor.scalar_type())) {
-      return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' in ",
-                                                     checkpoint.Location(name), ": dtype ",
-                                                     c10::toString(tensor.scalar_type()),
-                                                     ", expected a floating-point type"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor '", name, "' in ", checkpoint.Location(name), ": dtype ",
+                       c10::toString(tensor.scalar_type()), ", expected a floating-point type"));
     }
     return tensor.to(options_.device, options_.dtype).contiguous();
   };
@@ -170,8 +171,8 @@ at::Tensor Model::RopeInverseFrequencies() const {
 
 absl::StatusOr<KvCache> Model::CreateKvCache(int64_t num_slots, int64_t max_seq_len) const {
   if (num_slots <= 0 || max_seq_len <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("KV cache needs slots > 0 and max_seq_len > 0, got ",
-                                                   num_slots, " and ", max_seq_len));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV cache needs slots > 0 and max_seq_len > 0, got ", num_slots, " and ", max_seq_len));
   }
   KvCache cache;
   cache.max_seq_len_ = max_seq_len;
@@ -186,8 +187,8 @@ absl::StatusOr<KvCache> Model::CreateKvCache(int64_t num_slots, int64_t max_seq_
     }
   } catch (const c10::Error& e) {
     return absl::ResourceExhaustedError(absl::StrCat("allocating a KV cache of ", num_slots, " x ",
-                                                     max_seq_len, " tokens: ",
-                                                     e.what_without_backtrace()));
+                                                     max_seq_len,
+                                                     " tokens: ", e.what_without_backtrace()));
   }
   return cache;
 }
@@ -215,8 +216,8 @@ absl::Status Model::ValidateBatch(const std::vector<SequenceInput>& batch,
     for (int64_t token : seq.tokens) {
       if (token < 0 || token >= config_.vocab_size) {
         return absl::InvalidArgumentError(absl::StrCat("forward: sequence ", b, " has token id ",
-                                                       token, " outside [0, ",
-                                                       config_.vocab_size, ")"));
+                                                       token, " outside [0, ", config_.vocab_size,
+                                                       ")"));
       }
     }
     const int64_t total = cache.length(seq.slot) + static_cast<int64_t>(seq.tokens.size());
@@ -282,8 +283,8 @@ absl::StatusOr<ForwardOutput> Model::Forward(const std::vector<SequenceInput>& b
   try {
     return ForwardValidated(batch, cache, options);
   } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("forward of ", batch.size(), " sequences: ",
-                                            e.what_without_backtrace()));
+    return absl::InternalError(
+        absl::StrCat("forward of ", batch.size(), " sequences: ", e.what_without_backtrace()));
   }
 }
 
@@ -334,11 +335,13 @@ ForwardOutput Model::ForwardValidated(const std::vector<SequenceInput>& batch, K
 
   // Attention mask [seqs, 1, 1, max_new, max_total]: causal, within the sequence's length, and
   // within Mistral's sliding window.
-  const at::Tensor key_pos = at::arange(max_total, at::TensorOptions().dtype(at::kLong).device(device));
+  const at::Tensor key_pos =
+      at::arange(max_total, at::TensorOptions().dtype(at::kLong).device(device));
   const at::Tensor query_pos =
       LongTensor(past, device).view({num_seqs, 1}) +
       at::arange(max_new, at::TensorOptions().dtype(at::kLong).device(device)).view({1, max_new});
-  at::Tensor allowed = key_pos.view({1, 1, max_total}).le(query_pos.unsqueeze(2))
+  at::Tensor allowed = key_pos.view({1, 1, max_total})
+                           .le(query_pos.unsqueeze(2))
                            .logical_and(key_pos.view({1, 1, max_total})
                                             .lt(LongTensor(totals, device).view({num_seqs, 1, 1})));
   if (c.sliding_window > 0) {
@@ -394,14 +397,15 @@ ForwardOutput Model::ForwardValidated(const std::vector<SequenceInput>& batch, K
     h = h + proj(layer, ProjectionKind::kO, attended);
 
     x = RmsNorm(h, layer.post_attention_norm);
-    const at::Tensor gated =
-        Activate(proj(layer, ProjectionKind::kGate, x), c.activation) * proj(layer, ProjectionKind::kUp, x);
+    const at::Tensor gated = Activate(proj(layer, ProjectionKind::kGate, x), c.activation) *
+                             proj(layer, ProjectionKind::kUp, x);
     h = h + proj(layer, ProjectionKind::kDown, gated);
   }
   h = RmsNorm(h, final_norm_);
 
   if (options.return_hidden) output.hidden = h;
-  const at::Tensor selected = options.all_logits ? h : h.index_select(0, LongTensor(last_rows, device));
+  const at::Tensor selected =
+      options.all_logits ? h : h.index_select(0, LongTensor(last_rows, device));
   output.logits = at::linear(selected, lm_head_);
   // Only now, with every step done, do the slots own their new tokens.
   for (const SequenceInput& seq : batch) {

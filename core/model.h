@@ -8,14 +8,14 @@
 // packed into one [tokens, hidden] matrix for every projection, so a per-token adapter weight is
 // a plain row index; only attention pads them to [batch, heads, max_new, head_dim].
 
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
-#include <c10/core/Device.h>
-#include <c10/core/ScalarType.h>
 
 #include "absl/status/statusor.h"
 #include "core/linear.h"
@@ -25,7 +25,8 @@ namespace moelora {
 
 struct LoadOptions {
   c10::Device device = c10::Device(c10::kCPU);
-  // Weights and activations; RMSNorm statistics, RoPE angles and softmax run in fp32 whatever it is.
+  // Weights and activations; RMSNorm statistics, RoPE angles and softmax run in fp32 whatever it
+  // is.
   at::ScalarType dtype = at::kFloat;
 };
 

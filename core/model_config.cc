@@ -65,9 +65,8 @@ absl::StatusOr<ModelType> ParseModelType(const Json& json, absl::string_view lab
   if (name == "mistral") return ModelType::kMistral;
   if (name == "qwen2") return ModelType::kQwen2;
   if (name == "gemma") return ModelType::kGemma;
-  return absl::InvalidArgumentError(
-      absl::StrCat(label, ": unsupported model_type '", name,
-                   "' (supported: llama, mistral, qwen2, gemma)"));
+  return absl::InvalidArgumentError(absl::StrCat(label, ": unsupported model_type '", name,
+                                                 "' (supported: llama, mistral, qwen2, gemma)"));
 }
 
 absl::StatusOr<Activation> ParseActivationName(absl::string_view name, absl::string_view label,
@@ -142,9 +141,9 @@ absl::Status ParseRope(const Json& json, absl::string_view label, ModelConfig& c
     config.llama3_rope_scaling = scaling;
     return absl::OkStatus();
   }
-  return FieldError(label, rope_field,
-                    absl::StrCat("has unsupported rope_type '", rope_type,
-                                 "' (supported: default, llama3)"));
+  return FieldError(
+      label, rope_field,
+      absl::StrCat("has unsupported rope_type '", rope_type, "' (supported: default, llama3)"));
 }
 
 absl::Status Validate(const ModelConfig& c, absl::string_view label) {
@@ -161,10 +160,10 @@ absl::Status Validate(const ModelConfig& c, absl::string_view label) {
     if (value <= 0) return FieldError(label, field, absl::StrCat("must be positive, got ", value));
   }
   if (c.num_attention_heads % c.num_key_value_heads != 0) {
-    return FieldError(label, "num_key_value_heads",
-                      absl::StrCat("(", c.num_key_value_heads,
-                                   ") must divide num_attention_heads (", c.num_attention_heads,
-                                   ")"));
+    return FieldError(
+        label, "num_key_value_heads",
+        absl::StrCat("(", c.num_key_value_heads, ") must divide num_attention_heads (",
+                     c.num_attention_heads, ")"));
   }
   if (c.head_dim % 2 != 0) {
     return FieldError(label, "head_dim", absl::StrCat("must be even for RoPE, got ", c.head_dim));
@@ -210,13 +209,14 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(absl::string_view json_text,
                                                   absl::string_view label) {
   Json json = Json::parse(json_text.begin(), json_text.end(), /*cb=*/nullptr,
                           /*allow_exceptions=*/false);
-  if (json.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(label, ": not valid JSON"));
+  if (json.is_discarded())
+    return absl::InvalidArgumentError(absl::StrCat(label, ": not valid JSON"));
   if (!json.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(label, ": expected a JSON object"));
   }
   // Multimodal wrappers keep the decoder's fields under text_config.
-  if (auto it = json.find("text_config"); it != json.end() && it->is_object() &&
-                                          !json.contains("num_hidden_layers")) {
+  if (auto it = json.find("text_config");
+      it != json.end() && it->is_object() && !json.contains("num_hidden_layers")) {
     json = *it;
   }
   ModelConfig c;
@@ -287,16 +287,14 @@ std::string ModelConfig::ToJson() const {
       {"mlp_bias", mlp_bias},
       {"torch_dtype", "float32"},
   };
-  json["hidden_act"] =
-      std::string(ActivationName(activation));
+  json["hidden_act"] = std::string(ActivationName(activation));
   if (llama3_rope_scaling.has_value()) {
     json["rope_scaling"] = {
         {"rope_type", "llama3"},
         {"factor", llama3_rope_scaling->factor},
         {"low_freq_factor", llama3_rope_scaling->low_freq_factor},
         {"high_freq_factor", llama3_rope_scaling->high_freq_factor},
-        {"original_max_position_embeddings",
-         llama3_rope_scaling->original_max_position_embeddings},
+        {"original_max_position_embeddings", llama3_rope_scaling->original_max_position_embeddings},
     };
   }
   if (model_type == ModelType::kMistral) json["sliding_window"] = sliding_window;

@@ -7,9 +7,9 @@
 #include <cstdint>
 #include <optional>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace moelora {
 
@@ -17,9 +17,9 @@ enum class ModelType { kLlama, kMistral, kQwen2, kGemma };
 absl::string_view ModelTypeName(ModelType type);
 
 enum class Activation {
-  kSilu,          // SwiGLU
-  kGeluTanh,      // GeGLU with the tanh approximation (gelu_pytorch_tanh, gelu_new)
-  kGeluExact,     // GeGLU with the erf form
+  kSilu,       // SwiGLU
+  kGeluTanh,   // GeGLU with the tanh approximation (gelu_pytorch_tanh, gelu_new)
+  kGeluExact,  // GeGLU with the erf form
 };
 absl::string_view ActivationName(Activation activation);
 

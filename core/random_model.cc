@@ -1,13 +1,13 @@
 #include "core/random_model.h"
 
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/util/Exception.h>
+
 #include <filesystem>
 #include <fstream>
 #include <utility>
 #include <vector>
-
-#include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
-#include <c10/util/Exception.h>
 
 #include "absl/strings/str_cat.h"
 #include "core/checkpoint.h"
@@ -93,8 +93,7 @@ absl::Status WriteRandomModel(const std::string& dir, const ModelConfig& c,
         tensors.emplace_back(path + ".weight", normal({shape.first, shape.second}));
         const bool attention = ProjectionParent(kind) == "self_attn";
         const bool qkv = attention && kind != ProjectionKind::kO;
-        if ((attention && c.attention_bias) || (qkv && c.qkv_bias) ||
-            (!attention && c.mlp_bias)) {
+        if ((attention && c.attention_bias) || (qkv && c.qkv_bias) || (!attention && c.mlp_bias)) {
           tensors.emplace_back(path + ".bias", normal({shape.first}));
         }
       }
@@ -113,9 +112,8 @@ absl::Status WriteRandomModel(const std::string& dir, const ModelConfig& c,
   nlohmann::json weight_map = nlohmann::json::object();
   const size_t per_shard = (tensors.size() + num_shards - 1) / num_shards;
   for (int s = 0; s < num_shards; ++s) {
-    const std::string file =
-        absl::StrCat("model-", absl::Dec(s + 1, absl::kZeroPad5), "-of-",
-                     absl::Dec(num_shards, absl::kZeroPad5), ".safetensors");
+    const std::string file = absl::StrCat("model-", absl::Dec(s + 1, absl::kZeroPad5), "-of-",
+                                          absl::Dec(num_shards, absl::kZeroPad5), ".safetensors");
     const size_t begin = std::min(tensors.size(), s * per_shard);
     const size_t end = std::min(tensors.size(), begin + per_shard);
     std::vector<std::pair<std::string, at::Tensor>> shard(tensors.begin() + begin,
@@ -124,8 +122,10 @@ absl::Status WriteRandomModel(const std::string& dir, const ModelConfig& c,
     RETURN_IF_ERROR(WriteTensors(dir + "/" + file, shard));
   }
   std::ofstream index(dir + "/model.safetensors.index.json");
-  index << nlohmann::json{{"metadata", nlohmann::json::object()}, {"weight_map", weight_map}}.dump(2);
-  if (!index) return absl::InternalError(absl::StrCat("writing ", dir, "/model.safetensors.index.json"));
+  index << nlohmann::json{{"metadata", nlohmann::json::object()}, {"weight_map", weight_map}}.dump(
+      2);
+  if (!index)
+    return absl::InternalError(absl::StrCat("writing ", dir, "/model.safetensors.index.json"));
   return absl::OkStatus();
 }
 

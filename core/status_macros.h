@@ -10,12 +10,12 @@
 #define MOELORA_CONCAT_INNER_(a, b) a##b
 #define MOELORA_CONCAT_(a, b) MOELORA_CONCAT_INNER_(a, b)
 
-#define RETURN_IF_ERROR(expr)                   \
-  do {                                          \
-    ::absl::Status moelora_status_ = (expr);    \
-    if (!moelora_status_.ok()) {                \
-      return moelora_status_;                   \
-    }                                           \
+#define RETURN_IF_ERROR(expr)                \
+  do {                                       \
+    ::absl::Status moelora_status_ = (expr); \
+    if (!moelora_status_.ok()) {             \
+      return moelora_status_;                \
+    }                                        \
   } while (false)
 
 #define ASSIGN_OR_RETURN(lhs, expr) \

@@ -4,15 +4,15 @@
 //   moelora-generate --prompt=1,5,9,2 --max_new_tokens=16
 //   moelora-generate --model_dir=/models/llama --device=cuda --dtype=bf16 --prompt=...
 
+#include <c10/core/Device.h>
+#include <c10/util/Exception.h>
+
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <iostream>
 #include <string>
 #include <vector>
-
-#include <c10/core/Device.h>
-#include <c10/util/Exception.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -30,7 +30,8 @@ ABSL_FLAG(std::string, model_dir, "",
           "HF checkpoint directory (config.json + safetensors); empty = the built-in tiny model");
 ABSL_FLAG(std::string, default_model_dir, "build/default-model",
           "where the built-in tiny model is written on first use");
-ABSL_FLAG(std::string, prompt, "1,17,42,99,7", "comma-separated prompt token ids; ';' separates "
+ABSL_FLAG(std::string, prompt, "1,17,42,99,7",
+          "comma-separated prompt token ids; ';' separates "
           "prompts of a batch");
 ABSL_FLAG(int64_t, max_new_tokens, 16, "tokens to generate per prompt");
 ABSL_FLAG(std::string, device, "cpu", "cpu, cuda or cuda:N");
@@ -45,7 +46,8 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> ParsePrompts(const std::string
     for (absl::string_view token : absl::StrSplit(part, ',', absl::SkipWhitespace())) {
       int64_t id = 0;
       if (!absl::SimpleAtoi(token, &id)) {
-        return absl::InvalidArgumentError(absl::StrCat("--prompt: '", token, "' is not a token id"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("--prompt: '", token, "' is not a token id"));
       }
       ids.push_back(id);
     }
@@ -71,7 +73,8 @@ absl::StatusOr<moelora::LoadOptions> ParseLoadOptions() {
   } else if (dtype == "fp16") {
     options.dtype = at::kHalf;
   } else {
-    return absl::InvalidArgumentError(absl::StrCat("--dtype: '", dtype, "', expected fp32, bf16 or fp16"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--dtype: '", dtype, "', expected fp32, bf16 or fp16"));
   }
   return options;
 }
@@ -96,16 +99,16 @@ absl::Status Run() {
             << options.device << "\n";
 
   const auto start = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(auto outputs, moelora::GreedyGenerate(*model, prompts,
-                                                         absl::GetFlag(FLAGS_max_new_tokens)));
+  ASSIGN_OR_RETURN(auto outputs,
+                   moelora::GreedyGenerate(*model, prompts, absl::GetFlag(FLAGS_max_new_tokens)));
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   for (size_t i = 0; i < prompts.size(); ++i) {
     std::cout << "prompt [" << absl::StrJoin(prompts[i], ",") << "] -> greedy ["
               << absl::StrJoin(outputs[i], ",") << "]\n";
   }
-  std::cout << "generated " << prompts.size() * absl::GetFlag(FLAGS_max_new_tokens)
-            << " tokens in " << seconds << " s\n";
+  std::cout << "generated " << prompts.size() * absl::GetFlag(FLAGS_max_new_tokens) << " tokens in "
+            << seconds << " s\n";
   return absl::OkStatus();
 }
 

@@ -1,13 +1,13 @@
 // The decoder against transformers: fixtures in tests/data/golden were made by
 // tools/golden/make_golden.py (tiny random llama / gemma / qwen2 / mistral, fp32, eager attention).
 
-#include <string>
-#include <vector>
-
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/checkpoint.h"
@@ -151,9 +151,8 @@ TEST_P(GoldenTest, MixedPrefillAndContinuationInOneBatch) {
   auto cache = model_->CreateKvCache(2, 32);
   ASSERT_TRUE(cache.ok());
   ASSERT_TRUE(model_->Forward({{1, {first.begin(), first.begin() + split}}}, *cache).ok());
-  auto out = model_->Forward(
-      {{1, {first.begin() + split, first.end()}}, {0, fixture_.prompts[0]}}, *cache,
-      {.all_logits = true});
+  auto out = model_->Forward({{1, {first.begin() + split, first.end()}}, {0, fixture_.prompts[0]}},
+                             *cache, {.all_logits = true});
   ASSERT_TRUE(out.ok()) << out.status();
   ExpectLogitsMatch(out->logits.slice(0, 0, out->token_offsets[1]),
                     fixture_.logits[1].slice(0, split), "continued sequence");
@@ -168,14 +167,14 @@ const Target kTargets[] = {
     {"cuda_fp16", c10::kCUDA, at::kHalf},
 };
 
-INSTANTIATE_TEST_SUITE_P(
-    Fixtures, GoldenTest,
-    testing::Combine(testing::Values("llama_gqa_llama3", "gemma", "qwen2_qkv_bias",
-                                     "mistral_sliding_window"),
-                     testing::ValuesIn(kTargets)),
-    [](const testing::TestParamInfo<GoldenTest::ParamType>& info) {
-      return std::get<0>(info.param) + "_" + std::get<1>(info.param).name;
-    });
+INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenTest,
+                         testing::Combine(testing::Values("llama_gqa_llama3", "gemma",
+                                                          "qwen2_qkv_bias",
+                                                          "mistral_sliding_window"),
+                                          testing::ValuesIn(kTargets)),
+                         [](const testing::TestParamInfo<GoldenTest::ParamType>& info) {
+                           return std::get<0>(info.param) + "_" + std::get<1>(info.param).name;
+                         });
 
 }  // namespace
 }  // namespace moelora

@@ -1,9 +1,9 @@
 #include "core/model_config.h"
 
-#include <string>
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <string>
 
 #include "nlohmann/json.hpp"
 
@@ -14,9 +14,9 @@ using ::testing::HasSubstr;
 using Json = nlohmann::json;
 
 Json LlamaJson() {
-  return Json{{"model_type", "llama"},     {"vocab_size", 128},       {"hidden_size", 64},
-              {"intermediate_size", 128},  {"num_hidden_layers", 2},  {"num_attention_heads", 4},
-              {"num_key_value_heads", 2},  {"rms_norm_eps", 1e-5},    {"rope_theta", 500000.0},
+  return Json{{"model_type", "llama"},    {"vocab_size", 128},      {"hidden_size", 64},
+              {"intermediate_size", 128}, {"num_hidden_layers", 2}, {"num_attention_heads", 4},
+              {"num_key_value_heads", 2}, {"rms_norm_eps", 1e-5},   {"rope_theta", 500000.0},
               {"hidden_act", "silu"}};
 }
 
@@ -67,9 +67,9 @@ TEST(ModelConfigTest, Llama3RopeScalingTransformers4Form) {
 TEST(ModelConfigTest, RopeParametersTransformers5Form) {
   Json json = LlamaJson();
   json.erase("rope_theta");
-  json["rope_parameters"] = {{"rope_type", "llama3"},    {"rope_theta", 10000.0},
-                             {"factor", 8.0},            {"low_freq_factor", 1.0},
-                             {"high_freq_factor", 4.0},  {"original_max_position_embeddings", 64}};
+  json["rope_parameters"] = {{"rope_type", "llama3"},   {"rope_theta", 10000.0},
+                             {"factor", 8.0},           {"low_freq_factor", 1.0},
+                             {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 64}};
   auto config = Parse(json);
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_DOUBLE_EQ(config->rope_theta, 10000.0);

@@ -1,14 +1,14 @@
 #include "core/model.h"
 
+#include <ATen/ATen.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
 #include <filesystem>
 #include <fstream>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <ATen/ATen.h>
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
 #include "core/checkpoint.h"
@@ -34,18 +34,21 @@ std::string WriteTiny(const std::string& name, ModelType type = ModelType::kLlam
 }
 
 // Rewrites dir/model.safetensors after `edit` has changed the list of tensors.
-void RewriteWeights(const std::string& dir,
-                    const std::function<void(std::vector<std::pair<std::string, at::Tensor>>&)>& edit) {
+void RewriteWeights(
+    const std::string& dir,
+    const std::function<void(std::vector<std::pair<std::string, at::Tensor>>&)>& edit) {
   auto checkpoint = Checkpoint::OpenFile(dir + "/model.safetensors");
   ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
   std::vector<std::pair<std::string, at::Tensor>> tensors;
-  for (const std::string& name : checkpoint->Names()) tensors.emplace_back(name, *checkpoint->Get(name));
+  for (const std::string& name : checkpoint->Names())
+    tensors.emplace_back(name, *checkpoint->Get(name));
   edit(tensors);
   ASSERT_TRUE(WriteTensors(dir + "/model.safetensors", tensors).ok());
 }
 
 TEST(ModelLoadTest, EveryFamilyLoadsAndCountsItsBytes) {
-  for (ModelType type : {ModelType::kLlama, ModelType::kMistral, ModelType::kQwen2, ModelType::kGemma}) {
+  for (ModelType type :
+       {ModelType::kLlama, ModelType::kMistral, ModelType::kQwen2, ModelType::kGemma}) {
     const std::string dir = WriteTiny(absl::StrCat("family_", ModelTypeName(type)), type);
     auto model = Model::Load(dir);
     ASSERT_TRUE(model.ok()) << ModelTypeName(type) << ": " << model.status();
@@ -75,7 +78,8 @@ TEST(ModelLoadTest, ShardedCheckpointGivesTheSameLogits) {
 TEST(ModelLoadTest, MissingTensorIsNamed) {
   const std::string dir = WriteTiny("missing_tensor");
   RewriteWeights(dir, [](auto& tensors) {
-    std::erase_if(tensors, [](const auto& t) { return t.first == "model.layers.1.mlp.up_proj.weight"; });
+    std::erase_if(tensors,
+                  [](const auto& t) { return t.first == "model.layers.1.mlp.up_proj.weight"; });
   });
   auto model = Model::Load(dir);
   ASSERT_FALSE(model.ok());
@@ -191,8 +195,8 @@ TEST_F(ModelForwardTest, Bf16OnCpuTracksFp32) {
   auto b = (*bf16)->Forward({{0, {1, 2, 3, 4, 5, 6}}}, *cache16, {.all_logits = true});
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_EQ(b->logits.scalar_type(), at::kBFloat16);
-  const double relative =
-      (b->logits.to(at::kFloat) - a->logits).norm().item<double>() / a->logits.norm().item<double>();
+  const double relative = (b->logits.to(at::kFloat) - a->logits).norm().item<double>() /
+                          a->logits.norm().item<double>();
   EXPECT_LE(relative, 2e-2);
 }
 
@@ -203,14 +207,10 @@ TEST_F(ModelForwardTest, BadInputIsRejectedAndLeavesTheCacheAlone) {
     std::vector<SequenceInput> batch;
     const char* message;
   } cases[] = {
-      {{}, "empty batch"},
-      {{{0, {1, 128}}}, "token id 128"},
-      {{{0, {-1}}}, "token id -1"},
-      {{{2, {1}}}, "slot 2"},
-      {{{-1, {1}}}, "slot -1"},
-      {{{1, {1}}, {1, {2}}}, "appears twice"},
-      {{{1, {}}}, "no tokens"},
-      {{{0, {1, 2, 3, 4, 5, 6, 7}}}, "max_seq_len 8"},
+      {{}, "empty batch"},          {{{0, {1, 128}}}, "token id 128"},
+      {{{0, {-1}}}, "token id -1"}, {{{2, {1}}}, "slot 2"},
+      {{{-1, {1}}}, "slot -1"},     {{{1, {1}}, {1, {2}}}, "appears twice"},
+      {{{1, {}}}, "no tokens"},     {{{0, {1, 2, 3, 4, 5, 6, 7}}}, "max_seq_len 8"},
   };
   for (const auto& c : cases) {
     auto out = model_->Forward(c.batch, *cache);
