@@ -10,7 +10,6 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "core/checkpoint.h"
 #include "core/status_macros.h"
 
@@ -41,10 +40,6 @@ at::Tensor Activate(const at::Tensor& x, Activation activation) {
       return at::gelu(x);
   }
   return x;
-}
-
-std::string ShapeString(at::IntArrayRef shape) {
-  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
 }  // namespace

@@ -73,6 +73,14 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(std::string_view header
                                                          uint64_t data_size,
                                                          std::string_view label);
 
+// Validates a whole file held in memory: the 8-byte length prefix (header at most
+// kMaxSafetensorsHeaderBytes and inside the file), then the header against the rest as data
+// buffer. `data_offset`, when non-null, receives where the data buffer starts. SafetensorsFile
+// uses it on its mapping; the fuzzers call it directly.
+absl::StatusOr<SafetensorsHeader> ParseSafetensorsBuffer(absl::Span<const uint8_t> file,
+                                                         std::string_view label,
+                                                         uint64_t* data_offset = nullptr);
+
 // A read-only, memory-mapped safetensors file. Tensor bytes are views into the mapping and stay
 // valid for the object's lifetime.
 class SafetensorsFile {

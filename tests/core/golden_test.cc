@@ -25,6 +25,8 @@ struct Target {
   at::ScalarType dtype;
 };
 
+void PrintTo(const Target& target, std::ostream* os) { *os << target.name; }
+
 struct Fixture {
   std::vector<std::vector<int64_t>> prompts;
   std::vector<at::Tensor> logits;  // fp32 CPU, [T_i, vocab]
