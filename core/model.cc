@@ -371,20 +371,21 @@ ForwardOutput Model::ForwardValidated(const std::vector<SequenceInput>& batch, K
     const at::Tensor values =
         cache.values_[l].index_select(0, slots_t).narrow(1, 0, max_total).permute({0, 2, 1, 3});
     // Queries padded to [seqs, heads, max_new, d], grouped per KV head (head = kv * groups + g,
-    // as transformers' repeat_kv orders them) so GQA needs no copy of the keys.
+    // as transformers' repeat_kv orders them) so GQA needs no copy of the keys. The attention
+    // core runs in fp32 as fused kernels do: bf16 scores would cost ~1% of every probability.
     const at::Tensor padded_q = at::zeros({num_seqs * max_new, heads, d}, q.options())
                                     .index_copy_(0, padded_rows_t, q)
                                     .view({num_seqs, max_new, heads, d})
                                     .permute({0, 2, 1, 3})
-                                    .reshape({num_seqs, kv_heads, groups * max_new, d});
-    at::Tensor scores = at::matmul(padded_q, keys.transpose(-1, -2)) * scale;
-    scores = scores.view({num_seqs, kv_heads, groups, max_new, max_total})
-                 .to(at::kFloat)
-                 .masked_fill(blocked, -std::numeric_limits<float>::infinity());
-    const at::Tensor probs = at::softmax(scores, -1)
-                                 .to(options_.dtype)
-                                 .view({num_seqs, kv_heads, groups * max_new, max_total});
-    const at::Tensor attended = at::matmul(probs, values)
+                                    .reshape({num_seqs, kv_heads, groups * max_new, d})
+                                    .to(at::kFloat);
+    const at::Tensor scores = (at::matmul(padded_q, keys.to(at::kFloat).transpose(-1, -2)) * scale)
+                                  .view({num_seqs, kv_heads, groups, max_new, max_total})
+                                  .masked_fill(blocked, -std::numeric_limits<float>::infinity());
+    const at::Tensor probs =
+        at::softmax(scores, -1).view({num_seqs, kv_heads, groups * max_new, max_total});
+    const at::Tensor attended = at::matmul(probs, values.to(at::kFloat))
+                                    .to(options_.dtype)
                                     .view({num_seqs, heads, max_new, d})
                                     .permute({0, 2, 1, 3})
                                     .reshape({num_seqs * max_new, heads * d})

@@ -81,18 +81,13 @@ absl::StatusOr<Activation> ParseActivationName(absl::string_view name, absl::str
 
 absl::StatusOr<Activation> ParseActivation(const Json& json, ModelType type,
                                            absl::string_view label) {
-  if (type == ModelType::kGemma) {
-    // transformers 5 builds GemmaMLP from hidden_act, so a Gemma-1 file's "gelu" is the exact
-    // (erf) GELU there; transformers 4.38-4.x preferred hidden_activation and ran tanh GELU when
-    // it was null. The fixtures pin transformers 5: hidden_activation wins only when it is set.
-    auto it = json.find("hidden_activation");
-    if (it != json.end() && !it->is_null()) {
-      if (!it->is_string()) return FieldError(label, "hidden_activation", "must be a string");
-      return ParseActivationName(it->get<std::string>(), label, "hidden_activation");
-    }
-  }
+  // Gemma too: transformers 5 builds GemmaMLP from hidden_act alone (a Gemma-1 file's "gelu" is
+  // the erf GELU there, and hidden_activation is ignored), and its fixtures are our oracle.
+  // transformers 4.38-4.x differed: it preferred hidden_activation, tanh GELU when null.
   auto it = json.find("hidden_act");
-  if (it == json.end() || it->is_null()) return Activation::kSilu;
+  if (it == json.end() || it->is_null()) {
+    return type == ModelType::kGemma ? Activation::kGeluTanh : Activation::kSilu;
+  }
   if (!it->is_string()) return FieldError(label, "hidden_act", "must be a string");
   return ParseActivationName(it->get<std::string>(), label, "hidden_act");
 }

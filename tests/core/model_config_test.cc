@@ -113,9 +113,10 @@ TEST(ModelConfigTest, GemmaHeadDimIsIndependentAndEmbeddingsTied) {
   EXPECT_EQ(config->head_dim, 256);  // GemmaConfig's default, not hidden / heads
 }
 
-// transformers 5 (the fixtures' oracle) builds GemmaMLP from hidden_act: "gelu" is the erf GELU;
-// a set hidden_activation takes precedence as in transformers 4.
-TEST(ModelConfigTest, GemmaActivationFollowsTransformers) {
+// transformers 5 (the fixtures' oracle) builds GemmaMLP from hidden_act alone: "gelu" is the erf
+// GELU and hidden_activation is ignored (checked there: GemmaConfig(hidden_act="gelu",
+// hidden_activation="gelu_pytorch_tanh") gets GELUActivation). Absent, GemmaConfig's default.
+TEST(ModelConfigTest, GemmaActivationFollowsTransformers5) {
   Json json = LlamaJson();
   json["model_type"] = "gemma";
   json["hidden_act"] = "gelu";
@@ -125,6 +126,11 @@ TEST(ModelConfigTest, GemmaActivationFollowsTransformers) {
   EXPECT_EQ(config->activation, Activation::kGeluExact);
 
   json["hidden_activation"] = "gelu_pytorch_tanh";
+  config = Parse(json);
+  ASSERT_TRUE(config.ok());
+  EXPECT_EQ(config->activation, Activation::kGeluExact);
+
+  json.erase("hidden_act");
   config = Parse(json);
   ASSERT_TRUE(config.ok());
   EXPECT_EQ(config->activation, Activation::kGeluTanh);

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -19,8 +20,9 @@ namespace {
 
 using ::testing::HasSubstr;
 
+// Per process: ctest runs the tests of this binary in parallel, each in its own process.
 std::string FreshDir(const std::string& name) {
-  const std::string dir = testing::TempDir() + "/model_test_" + name;
+  const std::string dir = absl::StrCat(testing::TempDir(), "/model_test_", getpid(), "_", name);
   std::filesystem::remove_all(dir);
   return dir;
 }
