@@ -13,6 +13,7 @@
 #include "core/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/temp_dir.h"
 
 namespace moelora {
 namespace {
@@ -31,7 +32,7 @@ class CheckpointTest : public ::testing::Test {
     dir_ = dir_template;
     at::manual_seed(1234);
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
+  void TearDown() override { testing_support::RemoveTree(dir_); }
 
   std::string Path(const std::string& name) const { return dir_ + "/" + name; }
 

@@ -3,7 +3,6 @@
 #include <ATen/ATen.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -14,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/checkpoint.h"
 #include "core/random_model.h"
+#include "tests/testing/temp_dir.h"
 
 namespace moelora {
 namespace {
@@ -22,9 +22,9 @@ using ::testing::HasSubstr;
 
 // Per process: ctest runs the tests of this binary in parallel, each in its own process.
 std::string FreshDir(const std::string& name) {
-  const std::string dir = absl::StrCat(testing::TempDir(), "/model_test_", getpid(), "_", name);
-  std::filesystem::remove_all(dir);
-  return dir;
+  static const testing_support::ScopedTempDir* root =
+      new testing_support::ScopedTempDir("model_test");
+  return root->Join(name);
 }
 
 std::string WriteTiny(const std::string& name, ModelType type = ModelType::kLlama,

@@ -20,6 +20,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/temp_dir.h"
 
 namespace moelora {
 namespace {
@@ -359,7 +360,7 @@ TEST(SafetensorsFuzzTest, MutatedInputsNeverCrashAndAcceptedOnesAreConsistent) {
       }
     }
   }
-  std::filesystem::remove_all(dir);
+  testing_support::RemoveTree(dir);
 
   RecordProperty("accepted", accepted);
   RecordProperty("rejected", rejected);

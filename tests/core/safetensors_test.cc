@@ -16,6 +16,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/temp_dir.h"
 
 namespace moelora {
 namespace {
@@ -56,7 +57,7 @@ class SafetensorsTest : public ::testing::Test {
     dir_ = dir_template;
     path_ = dir_ + "/model.safetensors";
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
+  void TearDown() override { testing_support::RemoveTree(dir_); }
 
   // Writes `header` (unpadded, its own length) and `data_size` bytes of data, then opens it.
   absl::Status OpenRaw(const std::string& header, size_t data_size) {
