@@ -6,6 +6,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <iostream>
 #include <string>
 #include <vector>
 
@@ -79,7 +80,9 @@ class GoldenTest : public testing::TestWithParam<std::tuple<std::string, Target>
     if (fp32_) {
       EXPECT_LE(MaxAbsDiff(actual, expected), 1e-4) << what;
     } else {
-      EXPECT_LE(RelativeError(actual, expected), 2e-2) << what;
+      const double error = RelativeError(actual, expected);
+      EXPECT_LE(error, 2e-2) << what;
+      std::cout << "[ metric   ] " << what << ": relative error " << error << "\n";
     }
   }
 

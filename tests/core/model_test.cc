@@ -20,20 +20,23 @@ namespace {
 
 using ::testing::HasSubstr;
 
-// Per process: ctest runs the tests of this binary in parallel, each in its own process.
-std::string FreshDir(const std::string& name) {
-  static const testing_support::ScopedTempDir* root =
-      new testing_support::ScopedTempDir("model_test");
-  return root->Join(name);
-}
+// Each test writes its models into its own temporary directory.
+class ModelTestBase : public testing::Test {
+ protected:
+  std::string FreshDir(const std::string& name) const { return temp_.Join(name); }
 
-std::string WriteTiny(const std::string& name, ModelType type = ModelType::kLlama,
-                      RandomModelOptions options = {}) {
-  const std::string dir = FreshDir(name);
-  const absl::Status status = WriteRandomModel(dir, TinyModelConfig(type), options);
-  EXPECT_TRUE(status.ok()) << status;
-  return dir;
-}
+  std::string WriteTiny(const std::string& name, ModelType type = ModelType::kLlama,
+                        RandomModelOptions options = {}) const {
+    const std::string dir = FreshDir(name);
+    const absl::Status status = WriteRandomModel(dir, TinyModelConfig(type), options);
+    EXPECT_TRUE(status.ok()) << status;
+    return dir;
+  }
+
+  testing_support::ScopedTempDir temp_{"model_test"};
+};
+
+class ModelLoadTest : public ModelTestBase {};
 
 // Rewrites dir/model.safetensors after `edit` has changed the list of tensors.
 void RewriteWeights(
@@ -48,7 +51,7 @@ void RewriteWeights(
   ASSERT_TRUE(WriteTensors(dir + "/model.safetensors", tensors).ok());
 }
 
-TEST(ModelLoadTest, EveryFamilyLoadsAndCountsItsBytes) {
+TEST_F(ModelLoadTest, EveryFamilyLoadsAndCountsItsBytes) {
   for (ModelType type :
        {ModelType::kLlama, ModelType::kMistral, ModelType::kQwen2, ModelType::kGemma}) {
     const std::string dir = WriteTiny(absl::StrCat("family_", ModelTypeName(type)), type);
@@ -62,7 +65,7 @@ TEST(ModelLoadTest, EveryFamilyLoadsAndCountsItsBytes) {
   }
 }
 
-TEST(ModelLoadTest, ShardedCheckpointGivesTheSameLogits) {
+TEST_F(ModelLoadTest, ShardedCheckpointGivesTheSameLogits) {
   const std::string single = WriteTiny("single", ModelType::kLlama, {.seed = 3});
   const std::string sharded = WriteTiny("sharded", ModelType::kLlama, {.seed = 3, .num_shards = 3});
   ASSERT_TRUE(std::filesystem::exists(sharded + "/model.safetensors.index.json"));
@@ -77,7 +80,7 @@ TEST(ModelLoadTest, ShardedCheckpointGivesTheSameLogits) {
   EXPECT_TRUE(at::equal(out_a->logits, out_b->logits));
 }
 
-TEST(ModelLoadTest, MissingTensorIsNamed) {
+TEST_F(ModelLoadTest, MissingTensorIsNamed) {
   const std::string dir = WriteTiny("missing_tensor");
   RewriteWeights(dir, [](auto& tensors) {
     std::erase_if(tensors,
@@ -90,7 +93,7 @@ TEST(ModelLoadTest, MissingTensorIsNamed) {
   EXPECT_THAT(model.status().message(), HasSubstr(dir));
 }
 
-TEST(ModelLoadTest, ShapeThatDisagreesWithConfigIsNamed) {
+TEST_F(ModelLoadTest, ShapeThatDisagreesWithConfigIsNamed) {
   const std::string dir = WriteTiny("bad_shape");
   RewriteWeights(dir, [](auto& tensors) {
     for (auto& [name, tensor] : tensors) {
@@ -105,7 +108,7 @@ TEST(ModelLoadTest, ShapeThatDisagreesWithConfigIsNamed) {
   EXPECT_THAT(model.status().message(), HasSubstr("[32, 64]"));
 }
 
-TEST(ModelLoadTest, IntegerWeightsAreRefused) {
+TEST_F(ModelLoadTest, IntegerWeightsAreRefused) {
   const std::string dir = WriteTiny("int_weights");
   RewriteWeights(dir, [](auto& tensors) {
     for (auto& [name, tensor] : tensors) {
@@ -118,7 +121,7 @@ TEST(ModelLoadTest, IntegerWeightsAreRefused) {
   EXPECT_THAT(model.status().message(), HasSubstr("floating"));
 }
 
-TEST(ModelLoadTest, TruncatedWeightsFileIsAnError) {
+TEST_F(ModelLoadTest, TruncatedWeightsFileIsAnError) {
   const std::string dir = WriteTiny("truncated");
   const std::string file = dir + "/model.safetensors";
   std::filesystem::resize_file(file, std::filesystem::file_size(file) / 2);
@@ -127,7 +130,7 @@ TEST(ModelLoadTest, TruncatedWeightsFileIsAnError) {
   EXPECT_THAT(model.status().message(), HasSubstr("model.safetensors"));
 }
 
-TEST(ModelLoadTest, UnknownModelTypeAndMissingConfig) {
+TEST_F(ModelLoadTest, UnknownModelTypeAndMissingConfig) {
   const std::string dir = WriteTiny("unknown_type");
   std::ofstream(dir + "/config.json") << R"({"model_type": "falcon", "vocab_size": 128})";
   auto model = Model::Load(dir);
@@ -138,7 +141,7 @@ TEST(ModelLoadTest, UnknownModelTypeAndMissingConfig) {
   EXPECT_EQ(Model::Load(FreshDir("nothing_here")).status().code(), absl::StatusCode::kNotFound);
 }
 
-class ModelForwardTest : public testing::Test {
+class ModelForwardTest : public ModelTestBase {
  protected:
   void SetUp() override {
     dir_ = WriteTiny("forward", ModelType::kGemma, {.seed = 11});

@@ -10,12 +10,15 @@ For each fixture it writes <out>/<name>/ with:
   fixture.json                     -- versions, seeds, the smallest top-1/top-2 logit gap on the
                                       greedy path (how robust the greedy check is)
 
-Usage: python3 tools/golden/make_golden.py OUT_DIR
+Usage: python3 tools/golden/make_golden.py OUT_DIR [--weight-std 0.1]
+
+Also records in fixture.json how far transformers' own bf16 forward on CUDA is from its fp32
+logits (relative error), the yardstick for our bf16 tolerance.
 """
-import inspect
+import argparse
+import copy
 import json
 import os
-import sys
 
 import torch
 import transformers
@@ -64,7 +67,11 @@ def fixtures():
             "mistral_sliding_window": mistral}
 
 
-def randomize(model, is_gemma):
+def relative_error(actual, expected):
+    return float((actual.float() - expected).norm() / expected.norm())
+
+
+def randomize(model, is_gemma, weight_std):
     """HF initialises norms to 1 (Gemma: 0) and biases to 0; randomise everything so that every
     weight, the norm convention and qwen2's qkv bias all show in the logits."""
     with torch.no_grad():
@@ -72,7 +79,7 @@ def randomize(model, is_gemma):
             if "norm" in name:
                 param.copy_((0.0 if is_gemma else 1.0) + 0.1 * torch.randn_like(param))
             else:
-                param.normal_(0.0, 0.15)
+                param.normal_(0.0, weight_std)
 
 
 def greedy(model, ids):
@@ -87,17 +94,19 @@ def greedy(model, ids):
 
 
 def main():
-    out = sys.argv[1]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--weight-std", type=float, default=0.1)
+    args = parser.parse_args()
+    out = args.out
     torch.manual_seed(SEED)
     from transformers import AutoModelForCausalLM
-    from transformers.models.gemma import modeling_gemma
-    print("GemmaMLP source:\n", inspect.getsource(modeling_gemma.GemmaMLP.__init__), flush=True)
     for name, config in fixtures().items():
         config._attn_implementation = "eager"
         torch.manual_seed(SEED)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
         model = model.to(torch.float32).eval()
-        randomize(model, config.model_type == "gemma")
+        randomize(model, config.model_type == "gemma", args.weight_std)
         fixture_dir = os.path.join(out, name)
         model.save_pretrained(fixture_dir, safe_serialization=True)
         generator = torch.Generator().manual_seed(SEED + 1)
@@ -113,19 +122,29 @@ def main():
                 reference[f"logits.{i}"] = logits.contiguous()
                 reference[f"greedy.{i}"] = torch.tensor(tokens, dtype=torch.int64)
         save_file(reference, os.path.join(fixture_dir, "reference.safetensors"))
+        hf_bf16_error = None
+        if torch.cuda.is_available():
+            bf16 = copy.deepcopy(model).to("cuda", torch.bfloat16)
+            with torch.no_grad():
+                hf_bf16_error = max(
+                    relative_error(bf16(reference[f"input_ids.{i}"].unsqueeze(0).cuda())
+                                   .logits[0].cpu(), reference[f"logits.{i}"])
+                    for i in range(len(PROMPT_LENGTHS)))
         with open(os.path.join(fixture_dir, "fixture.json"), "w") as f:
             json.dump({"made_by": "tools/golden/make_golden.py", "seed": SEED,
                        "torch": torch.__version__, "transformers": transformers.__version__,
                        "attn_implementation": "eager", "prompt_lengths": list(PROMPT_LENGTHS),
-                       "greedy_tokens": GREEDY_TOKENS, "min_greedy_logit_gap": min_gap},
+                       "greedy_tokens": GREEDY_TOKENS, "weight_std": args.weight_std,
+                       "min_greedy_logit_gap": min_gap,
+                       "hf_bf16_cuda_relative_error": hf_bf16_error},
                       f, indent=2)
         for extra in ("generation_config.json",):
             path = os.path.join(fixture_dir, extra)
             if os.path.exists(path):
                 os.remove(path)
         size = sum(os.path.getsize(os.path.join(fixture_dir, f)) for f in os.listdir(fixture_dir))
-        print(f"{name}: {size} bytes, min greedy gap {min_gap:.4f}", flush=True)
-        print(open(os.path.join(fixture_dir, "config.json")).read(), flush=True)
+        print(f"{name}: {size} bytes, min greedy gap {min_gap:.4f}, transformers bf16 relative "
+              f"error {hf_bf16_error}", flush=True)
 
 
 if __name__ == "__main__":
