@@ -30,10 +30,20 @@ struct AdapterConfig {
   std::vector<std::string> target_module_list;
   std::optional<std::string> target_module_regex;
   bool all_linear = false;
+  // exclude_modules: the same two forms (list or regex string); an excluded module is never
+  // targeted, whatever target_modules says.
+  std::vector<std::string> exclude_module_list;
+  std::optional<std::string> exclude_module_regex;
   std::map<std::string, int64_t> rank_pattern;
   std::map<std::string, double> alpha_pattern;
+  // The pattern keys in adapter_config.json's order: PEFT takes the first key that matches, so
+  // order matters (keys missing here are tried after these, sorted).
+  std::vector<std::string> rank_pattern_order;
+  std::vector<std::string> alpha_pattern_order;
   std::vector<int64_t> layers_to_transform;  // empty = all layers
   std::vector<std::string> layers_pattern;   // empty = PEFT's defaults
+  // Read and ignored: PEFT forces it to false for torch.nn.Linear targets (all of ours), and
+  // lora_A / lora_B are stored [r, in] / [out, r] either way.
   bool fan_in_fan_out = false;
 
   // Parses and refuses unsupported features (use_dora, modules_to_save, lora_bias, bias other than
@@ -43,6 +53,8 @@ struct AdapterConfig {
 
   // PEFT's rules: is `module_path` ("model.layers.3.self_attn.q_proj") targeted, and its rank and
   // scaling (rank_pattern / alpha_pattern matched as PEFT matches them; alpha/r or alpha/sqrt(r)).
+  // As in PEFT, layers_to_transform reads the layer index from `module_path` through
+  // layers_pattern; `layer` is only the caller's index of the same module and is not consulted.
   bool Targets(absl::string_view module_path, int64_t layer) const;
   int64_t RankFor(absl::string_view module_path) const;
   double ScalingFor(absl::string_view module_path) const;

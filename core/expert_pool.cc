@@ -1,0 +1,310 @@
+#include "core/expert_pool.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <set>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+
+namespace moelora {
+
+// Free slots; shared with every ResidentExpert so a slot can be released after the pool is gone.
+class SlotAllocator {
+ public:
+  explicit SlotAllocator(int64_t capacity) {
+    for (int64_t slot = 0; slot < capacity; ++slot) free_.insert(slot);
+  }
+  // The lowest free slot (keeps the active slots a prefix, read without a gather), or -1.
+  int64_t Take() {
+    absl::MutexLock lock(&mu_);
+    if (free_.empty()) return -1;
+    const int64_t slot = *free_.begin();
+    free_.erase(free_.begin());
+    return slot;
+  }
+  void Release(int64_t slot) {
+    absl::MutexLock lock(&mu_);
+    free_.insert(slot);
+  }
+  int64_t free_count() const {
+    absl::MutexLock lock(&mu_);
+    return static_cast<int64_t>(free_.size());
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  std::set<int64_t> free_ ABSL_GUARDED_BY(mu_);
+};
+
+ResidentExpert::~ResidentExpert() {
+  if (allocator_ != nullptr) allocator_->Release(info_.slot);
+}
+
+int64_t ExpertSnapshot::PositionOf(const std::string& name) const {
+  auto it = positions_.find(name);
+  return it == positions_.end() ? -1 : it->second;
+}
+
+std::vector<std::string> ExpertSnapshot::Names() const {
+  std::vector<std::string> names;
+  for (const auto& expert : experts_) names.push_back(expert->info().name);
+  return names;
+}
+
+ExpertPool::ExpertPool(const Model& model, const ExpertPoolOptions& options)
+    : model_(model),
+      options_(options),
+      allocator_(std::make_shared<SlotAllocator>(options.capacity)) {}
+
+ExpertPool::~ExpertPool() = default;
+
+absl::StatusOr<std::unique_ptr<ExpertPool>> ExpertPool::Create(const Model& model,
+                                                               const ExpertPoolOptions& options) {
+  if (options.capacity <= 0 || options.max_rank <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("expert pool needs capacity > 0 and max_rank > 0, got ", options.capacity,
+                     " and ", options.max_rank));
+  }
+  std::unique_ptr<ExpertPool> pool(new ExpertPool(model, options));
+  const ModelConfig& config = model.config();
+  const int64_t rows = options.capacity * options.max_rank;
+  const auto tensor_options =
+      at::TensorOptions().dtype(model.options().dtype).device(model.options().device);
+  try {
+    for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
+      for (int k = 0; k < kNumProjectionKinds; ++k) {
+        const Linear& linear = model.projection(layer, static_cast<ProjectionKind>(k));
+        pool->stacks_.push_back({at::zeros({rows, linear.in_features()}, tensor_options),
+                                 at::zeros({rows, linear.out_features()}, tensor_options)});
+      }
+    }
+  } catch (const c10::Error& e) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("allocating the expert pool (", options.capacity, " slots of rank ",
+                     options.max_rank, "): ", e.what_without_backtrace()));
+  }
+  auto empty = std::make_shared<ExpertSnapshot>();
+  empty->row_scaling_.resize(pool->stacks_.size());
+  {
+    absl::MutexLock lock(&pool->snapshot_mu_);
+    pool->snapshot_ = std::move(empty);
+  }
+  return pool;
+}
+
+int64_t ExpertPool::reserved_bytes() const {
+  int64_t total = 0;
+  for (const Stack& stack : stacks_) {
+    total += (stack.a.numel() + stack.bt.numel()) * stack.a.element_size();
+  }
+  return total;
+}
+
+std::shared_ptr<const ExpertSnapshot> ExpertPool::snapshot() const {
+  absl::MutexLock lock(&snapshot_mu_);
+  return snapshot_;
+}
+
+void ExpertPool::Publish(std::shared_ptr<const ExpertSnapshot> snapshot) {
+  std::shared_ptr<const ExpertSnapshot> previous;
+  {
+    absl::MutexLock lock(&snapshot_mu_);
+    previous = std::move(snapshot_);
+    snapshot_ = std::move(snapshot);
+  }
+  // `previous` is released here, outside the lock: it may free slots.
+}
+
+std::vector<ExpertInfo> ExpertPool::List() const {
+  std::vector<ExpertInfo> infos;
+  for (const auto& expert : snapshot()->experts()) infos.push_back(expert->info());
+  return infos;
+}
+
+int64_t ExpertPool::free_slots() const { return allocator_->free_count(); }
+
+absl::StatusOr<ExpertInfo> ExpertPool::Attach(const std::string& name, const std::string& dir) {
+  ASSIGN_OR_RETURN(Adapter adapter, Adapter::Load(name, dir, model_.config()));
+  return Attach(adapter);
+}
+
+absl::StatusOr<ExpertInfo> ExpertPool::Attach(const Adapter& adapter) {
+  absl::MutexLock admin(&admin_mu_);
+  const std::string& name = adapter.name();
+  std::shared_ptr<const ExpertSnapshot> current = snapshot();
+  if (current->PositionOf(name) >= 0) {
+    return absl::AlreadyExistsError(absl::StrCat("expert '", name, "' is already attached"));
+  }
+  const int64_t max_rank = options_.max_rank;
+  if (adapter.max_rank() > max_rank) {
+    return absl::InvalidArgumentError(absl::StrCat("expert '", name, "': rank ", adapter.max_rank(),
+                                                   " exceeds the pool's max_rank ", max_rank));
+  }
+  for (const AdapterModule& module : adapter.modules()) {
+    const Linear& linear = model_.projection(module.id.layer, module.id.kind);
+    if (module.a.size(1) != linear.in_features() || module.b.size(0) != linear.out_features()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "expert '", name, "': ", module.id.ModulePath(), " does not fit the base model"));
+    }
+  }
+  const int64_t slot = allocator_->Take();
+  if (slot < 0) {
+    return absl::ResourceExhaustedError(absl::StrCat("no free expert slot for '", name, "': all ",
+                                                     options_.capacity, " are in use"));
+  }
+  // From here on the resident owns the slot: any early return frees it.
+  auto resident = std::make_shared<ResidentExpert>();
+  resident->allocator_ = allocator_;
+  ExpertInfo& info = resident->info_;
+  info.name = name;
+  info.source = adapter.source();
+  info.slot = slot;
+  info.max_rank = adapter.max_rank();
+  info.num_modules = static_cast<int64_t>(adapter.modules().size());
+  const int64_t element_size = stacks_.front().a.element_size();
+  info.device_bytes = adapter.bytes(element_size);
+  for (const Stack& stack : stacks_) {
+    info.reserved_bytes += max_rank * (stack.a.size(1) + stack.bt.size(1)) * element_size;
+  }
+  try {
+    // The slot is free: no snapshot holds it, so no forward reads these rows.
+    for (Stack& stack : stacks_) {
+      stack.a.narrow(0, slot * max_rank, max_rank).zero_();
+      stack.bt.narrow(0, slot * max_rank, max_rank).zero_();
+    }
+    for (const AdapterModule& module : adapter.modules()) {
+      const int64_t index = ProjectionIndex(module.id);
+      Stack& stack = stacks_[index];
+      stack.a.narrow(0, slot * max_rank, module.rank).copy_(module.a);
+      stack.bt.narrow(0, slot * max_rank, module.rank).copy_(module.b.t());
+      resident->scaling_[index] = module.scaling;
+      resident->ranks_[index] = module.rank;
+    }
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("copying expert '", name, "' to its slot: ", e.what_without_backtrace()));
+  }
+  std::vector<std::shared_ptr<const ResidentExpert>> experts = current->experts();
+  experts.push_back(resident);
+  ASSIGN_OR_RETURN(auto next, BuildSnapshot(std::move(experts)));
+  Publish(std::move(next));
+  return info;
+}
+
+absl::Status ExpertPool::Detach(const std::string& name) {
+  absl::MutexLock admin(&admin_mu_);
+  std::shared_ptr<const ExpertSnapshot> current = snapshot();
+  if (current->PositionOf(name) < 0) {
+    return absl::NotFoundError(absl::StrCat("no expert named '", name, "' is attached"));
+  }
+  std::vector<std::shared_ptr<const ResidentExpert>> experts;
+  for (const auto& expert : current->experts()) {
+    if (expert->info().name != name) experts.push_back(expert);
+  }
+  ASSIGN_OR_RETURN(auto next, BuildSnapshot(std::move(experts)));
+  current.reset();
+  Publish(std::move(next));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> ExpertPool::Subset(
+    const ExpertSnapshot& snapshot, const std::vector<int64_t>& positions) {
+  std::vector<std::shared_ptr<const ResidentExpert>> experts;
+  for (int64_t position : positions) {
+    if (position < 0 || position >= snapshot.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("no expert at position ", position));
+    }
+    experts.push_back(snapshot.experts()[position]);
+  }
+  absl::MutexLock admin(&admin_mu_);
+  return BuildSnapshot(std::move(experts));
+}
+
+absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> ExpertPool::BuildSnapshot(
+    std::vector<std::shared_ptr<const ResidentExpert>> experts) {
+  std::sort(experts.begin(), experts.end(),
+            [](const auto& a, const auto& b) { return a->info().slot < b->info().slot; });
+  auto snapshot = std::make_shared<ExpertSnapshot>();
+  snapshot->version_ = next_version_++;
+  const int64_t n = static_cast<int64_t>(experts.size());
+  const int64_t max_rank = options_.max_rank;
+  const c10::Device device = model_.options().device;
+  for (int64_t i = 0; i < n; ++i) {
+    snapshot->positions_[experts[i]->info().name] = i;
+    snapshot->slots_.push_back(experts[i]->info().slot);
+    if (experts[i]->info().slot != i) snapshot->slots_are_prefix_ = false;
+  }
+  snapshot->row_scaling_.resize(stacks_.size());
+  try {
+    snapshot->slot_index_ =
+        at::tensor(snapshot->slots_, at::TensorOptions().dtype(at::kLong)).to(device);
+    for (size_t p = 0; p < stacks_.size(); ++p) {
+      std::vector<float> rows(n * max_rank, 0.0f);
+      bool targeted = false;
+      for (int64_t i = 0; i < n; ++i) {
+        auto scaling = experts[i]->scaling().find(static_cast<int64_t>(p));
+        if (scaling == experts[i]->scaling().end()) continue;
+        const int64_t rank = experts[i]->ranks().at(static_cast<int64_t>(p));
+        std::fill_n(rows.begin() + i * max_rank, rank, static_cast<float>(scaling->second));
+        targeted = true;
+      }
+      if (targeted) {
+        snapshot->row_scaling_[p] =
+            at::tensor(rows, at::TensorOptions().dtype(at::kFloat)).to(device);
+      }
+    }
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("building expert snapshot: ", e.what_without_backtrace()));
+  }
+  snapshot->experts_ = std::move(experts);
+  return std::shared_ptr<const ExpertSnapshot>(std::move(snapshot));
+}
+
+MixtureDelta::MixtureDelta(const ExpertPool& pool, std::shared_ptr<const ExpertSnapshot> snapshot,
+                           at::Tensor weights)
+    : pool_(pool), snapshot_(std::move(snapshot)) {
+  const int64_t n = snapshot_->size();
+  if (n > 0) {
+    const int64_t tokens = weights.size(0);
+    const int64_t max_rank = pool_.options_.max_rank;
+    row_weights_ = weights.to(at::kFloat)
+                       .unsqueeze(2)
+                       .expand({tokens, n, max_rank})
+                       .reshape({tokens, n * max_rank});
+  }
+}
+
+at::Tensor MixtureDelta::Apply(const ProjectionId& id, const at::Tensor& x,
+                               at::Tensor base_output) const {
+  const int64_t index = ProjectionIndex(id);
+  const at::Tensor& row_scaling = snapshot_->row_scaling_[index];
+  if (!row_scaling.defined()) return base_output;  // no attached expert adapts this projection
+  const ExpertPool::Stack& stack = pool_.stacks_[index];
+  const int64_t n = snapshot_->size();
+  const int64_t rows = n * pool_.options_.max_rank;
+  at::Tensor a, bt;
+  if (snapshot_->slots_are_prefix_) {
+    a = stack.a.narrow(0, 0, rows);
+    bt = stack.bt.narrow(0, 0, rows);
+  } else {
+    // Read only the pinned slots' rows: a free slot may be being written by an attach.
+    const int64_t capacity = pool_.options_.capacity, max_rank = pool_.options_.max_rank;
+    a = stack.a.view({capacity, max_rank, -1})
+            .index_select(0, snapshot_->slot_index_)
+            .view({rows, -1});
+    bt = stack.bt.view({capacity, max_rank, -1})
+             .index_select(0, snapshot_->slot_index_)
+             .view({rows, -1});
+  }
+  const at::Tensor shrink = at::linear(x, a);  // [tokens, rows]
+  const at::Tensor scale = (row_weights_ * row_scaling).to(shrink.scalar_type());
+  return base_output + at::matmul(shrink * scale, bt);
+}
+
+}  // namespace moelora

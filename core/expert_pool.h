@@ -1,0 +1,175 @@
+#ifndef MOELORA_CORE_EXPERT_POOL_H_
+#define MOELORA_CORE_EXPERT_POOL_H_
+
+// Fixed-capacity device storage for LoRA experts, and the immutable snapshots forwards run on.
+//
+// Every projection (layer, kind) owns two stacks allocated once at start-up:
+//   A_all [capacity * max_rank, in]  and  Bt_all [capacity * max_rank, out]   (Bt = Bᵀ)
+// Slot s owns rows [s * max_rank, (s + 1) * max_rank): the expert's rank rows, then zeros. An
+// expert that does not target a projection leaves its rows there zero.
+//
+// Attach = load + validate + copy into a free slot + publish a new snapshot. Detach = publish a
+// snapshot without the expert. A slot returns to the free list only when the last snapshot that
+// holds its expert is destroyed, and a forward only ever reads the rows of the slots in the
+// snapshot it pinned — so writing a free slot never races with a running forward, and neither
+// operation blocks a forward for longer than a pointer copy.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "core/adapter.h"
+#include "core/linear.h"
+#include "core/model.h"
+
+namespace moelora {
+
+struct ExpertPoolOptions {
+  int64_t capacity = 8;   // slots
+  int64_t max_rank = 64;  // rank rows per slot; larger adapters are refused
+};
+
+struct ExpertInfo {
+  std::string name;
+  std::string source;
+  int64_t slot = -1;
+  int64_t max_rank = 0;
+  int64_t num_modules = 0;
+  // Bytes of this expert's A and B on the device (its rank rows only); the slot reserves
+  // reserved_bytes whatever the rank.
+  int64_t device_bytes = 0;
+  int64_t reserved_bytes = 0;
+};
+
+class SlotAllocator;
+
+// An expert resident in a slot; shared by every snapshot that includes it. Destroying the last
+// reference frees the slot.
+class ResidentExpert {
+ public:
+  ~ResidentExpert();
+  const ExpertInfo& info() const { return info_; }
+  // Scaling of each adapted projection (layer * kNumProjectionKinds + kind -> scaling).
+  const std::map<int64_t, double>& scaling() const { return scaling_; }
+  const std::map<int64_t, int64_t>& ranks() const { return ranks_; }
+
+ private:
+  friend class ExpertPool;
+  ExpertInfo info_;
+  std::map<int64_t, double> scaling_;
+  std::map<int64_t, int64_t> ranks_;
+  std::shared_ptr<SlotAllocator> allocator_;
+};
+
+// What one forward sees: the attached experts in a fixed order ("positions"), and per projection
+// the per-rank-row scaling of the active rows.
+class ExpertSnapshot {
+ public:
+  int64_t version() const { return version_; }
+  // Experts in position order (ascending slot).
+  const std::vector<std::shared_ptr<const ResidentExpert>>& experts() const { return experts_; }
+  int64_t size() const { return static_cast<int64_t>(experts_.size()); }
+  // Position of an expert by name, -1 when absent.
+  int64_t PositionOf(const std::string& name) const;
+  std::vector<std::string> Names() const;
+
+ private:
+  friend class ExpertPool;
+  friend class MixtureDelta;
+  int64_t version_ = 0;
+  std::vector<std::shared_ptr<const ResidentExpert>> experts_;
+  std::map<std::string, int64_t> positions_;
+  // Active slots, ascending; when they are exactly 0..n-1 the stacks are read with a narrow
+  // (no copy), otherwise their rows are gathered.
+  std::vector<int64_t> slots_;
+  bool slots_are_prefix_ = true;
+  at::Tensor slot_index_;  // long [n] on the device
+  // Per projection (layer * kNumProjectionKinds + kind): [n * max_rank] fp32 on the device, the
+  // scaling of each active rank row (0 for padding rows), undefined when no active expert
+  // targets the projection.
+  std::vector<at::Tensor> row_scaling_;
+};
+
+class ExpertPool {
+ public:
+  // Allocates the stacks for every projection of `model` on its device and dtype.
+  static absl::StatusOr<std::unique_ptr<ExpertPool>> Create(const Model& model,
+                                                            const ExpertPoolOptions& options);
+  ~ExpertPool();
+
+  // Loads the PEFT adapter in `dir` and attaches it under `name`.
+  absl::StatusOr<ExpertInfo> Attach(const std::string& name, const std::string& dir);
+  // Attaches an adapter already loaded (validated against this pool's model).
+  absl::StatusOr<ExpertInfo> Attach(const Adapter& adapter);
+  // NotFound when no expert has that name.
+  absl::Status Detach(const std::string& name);
+
+  // A snapshot of some of `snapshot`'s experts (by position), e.g. one expert for the K-pass
+  // baseline. It pins those experts like any snapshot.
+  absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> Subset(
+      const ExpertSnapshot& snapshot, const std::vector<int64_t>& positions);
+
+  // The current snapshot; forwards hold on to it for their whole duration.
+  std::shared_ptr<const ExpertSnapshot> snapshot() const;
+  std::vector<ExpertInfo> List() const;
+  int64_t free_slots() const;
+  const ExpertPoolOptions& options() const { return options_; }
+  int64_t reserved_bytes() const;
+  const Model& model() const { return model_; }
+
+ private:
+  friend class MixtureDelta;
+  struct Stack {
+    at::Tensor a;   // [capacity * max_rank, in]
+    at::Tensor bt;  // [capacity * max_rank, out]
+  };
+
+  ExpertPool(const Model& model, const ExpertPoolOptions& options);
+  absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> BuildSnapshot(
+      std::vector<std::shared_ptr<const ResidentExpert>> experts)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
+  void Publish(std::shared_ptr<const ExpertSnapshot> snapshot);
+
+  const Model& model_;
+  const ExpertPoolOptions options_;
+  std::vector<Stack> stacks_;  // per projection
+  std::shared_ptr<SlotAllocator> allocator_;
+
+  absl::Mutex admin_mu_;  // serialises Attach / Detach
+  mutable absl::Mutex snapshot_mu_;
+  std::shared_ptr<const ExpertSnapshot> snapshot_ ABSL_GUARDED_BY(snapshot_mu_);
+  int64_t next_version_ ABSL_GUARDED_BY(admin_mu_) = 1;
+};
+
+// The fused single pass: in every targeted projection
+//   y += ((x · A_activeᵀ) ⊙ expand(w ⊙ s)) · Bt_active
+// one shrink GEMM and one expand GEMM whatever the number of experts. `weights` is
+// [tokens, snapshot->size()] (packed tokens, snapshot position order), fp32, on the model's
+// device; it may require grad.
+class MixtureDelta : public LinearDelta {
+ public:
+  MixtureDelta(const ExpertPool& pool, std::shared_ptr<const ExpertSnapshot> snapshot,
+               at::Tensor weights);
+  at::Tensor Apply(const ProjectionId& id, const at::Tensor& x,
+                   at::Tensor base_output) const override;
+
+ private:
+  const ExpertPool& pool_;
+  std::shared_ptr<const ExpertSnapshot> snapshot_;
+  at::Tensor row_weights_;  // [tokens, n * max_rank]: each expert's weight over its rank rows
+};
+
+inline int64_t ProjectionIndex(const ProjectionId& id) {
+  return id.layer * kNumProjectionKinds + static_cast<int64_t>(id.kind);
+}
+
+}  // namespace moelora
+
+#endif  // MOELORA_CORE_EXPERT_POOL_H_
