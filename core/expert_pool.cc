@@ -273,7 +273,8 @@ MixtureDelta::MixtureDelta(const ExpertPool& pool, std::shared_ptr<const ExpertS
   if (n > 0) {
     const int64_t tokens = weights.size(0);
     const int64_t max_rank = pool_.options_.max_rank;
-    row_weights_ = weights.to(at::kFloat)
+    // fp32 (fp64 for a double-precision model, as gradient checks use).
+    row_weights_ = weights.to(weights.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)
                        .unsqueeze(2)
                        .expand({tokens, n, max_rank})
                        .reshape({tokens, n * max_rank});

@@ -20,6 +20,12 @@ at::Tensor LongTensor(const std::vector<int64_t>& values, c10::Device device) {
   return at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(device);
 }
 
+// Where norms and attention accumulate: fp32 for half types (as transformers does), the model's
+// own type for fp32 and fp64 (gradient checks run in fp64).
+at::ScalarType AccumulateType(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 at::Tensor RotateHalf(const at::Tensor& x) {
   const int64_t half = x.size(-1) / 2;
   return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
@@ -86,7 +92,7 @@ absl::Status Model::LoadWeights(const std::string& dir) {
   // RMSNorm weights; Gemma's (1 + w) is folded in once, in fp32 where the norm runs.
   auto load_norm = [&](const std::string& name) -> absl::StatusOr<at::Tensor> {
     ASSIGN_OR_RETURN(at::Tensor w, load(name, {c.hidden_size}));
-    if (c.norm_weight_plus_one) return w.to(at::kFloat) + 1.0;
+    if (c.norm_weight_plus_one) return w.to(AccumulateType(options_.dtype)) + 1.0;
     return w;
   };
   ASSIGN_OR_RETURN(embed_tokens_, load("model.embed_tokens.weight", {c.vocab_size, c.hidden_size}));
@@ -249,7 +255,7 @@ absl::StatusOr<at::Tensor> Model::Embed(const std::vector<int64_t>& tokens) cons
 }
 
 at::Tensor Model::RmsNorm(const at::Tensor& x, const at::Tensor& weight) const {
-  at::Tensor xf = x.to(at::kFloat);
+  at::Tensor xf = x.to(AccumulateType(x.scalar_type()));
   xf = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + config_.rms_norm_eps);
   if (config_.norm_weight_plus_one) return (xf * weight).to(x.scalar_type());
   return weight * xf.to(x.scalar_type());
@@ -347,6 +353,7 @@ ForwardOutput Model::ForwardValidated(const std::vector<SequenceInput>& batch, K
 
   const int64_t heads = c.num_attention_heads, kv_heads = c.num_key_value_heads, d = c.head_dim;
   const int64_t groups = heads / kv_heads;
+  const at::ScalarType accumulate = AccumulateType(options_.dtype);
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   const LinearDelta* delta = options.delta;
   auto proj = [&](const Layer& layer, ProjectionKind kind, const at::Tensor& x) {
@@ -378,13 +385,13 @@ ForwardOutput Model::ForwardValidated(const std::vector<SequenceInput>& batch, K
                                     .view({num_seqs, max_new, heads, d})
                                     .permute({0, 2, 1, 3})
                                     .reshape({num_seqs, kv_heads, groups * max_new, d})
-                                    .to(at::kFloat);
-    const at::Tensor scores = (at::matmul(padded_q, keys.to(at::kFloat).transpose(-1, -2)) * scale)
+                                    .to(accumulate);
+    const at::Tensor scores = (at::matmul(padded_q, keys.to(accumulate).transpose(-1, -2)) * scale)
                                   .view({num_seqs, kv_heads, groups, max_new, max_total})
                                   .masked_fill(blocked, -std::numeric_limits<float>::infinity());
     const at::Tensor probs =
         at::softmax(scores, -1).view({num_seqs, kv_heads, groups * max_new, max_total});
-    const at::Tensor attended = at::matmul(probs, values.to(at::kFloat))
+    const at::Tensor attended = at::matmul(probs, values.to(accumulate))
                                     .to(options_.dtype)
                                     .view({num_seqs, heads, max_new, d})
                                     .permute({0, 2, 1, 3})

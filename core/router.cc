@@ -120,7 +120,8 @@ bool AllFinite(const at::Tensor& tensor) { return at::isfinite(tensor).all().ite
 // Checks one gate tensor's shape, dtype and values; `expected` is its required shape.
 absl::Status CheckGateTensor(const at::Tensor& tensor, absl::string_view label,
                              absl::string_view name, at::IntArrayRef expected) {
-  if (!tensor.defined()) return absl::InvalidArgumentError(absl::StrCat(label, ": ", name, " is undefined"));
+  if (!tensor.defined())
+    return absl::InvalidArgumentError(absl::StrCat(label, ": ", name, " is undefined"));
   if (tensor.sizes() != expected) {
     return absl::InvalidArgumentError(absl::StrCat(label, ": ", name, " has shape ",
                                                    ShapeString(tensor.sizes()), ", expected ",
@@ -224,23 +225,22 @@ std::string RouterConfig::ToJson() const {
   return json.dump(2);
 }
 
-absl::Status ValidateNormalization(const RoutingNormalization& normalization,
-                                   int64_t num_experts) {
+absl::Status ValidateNormalization(const RoutingNormalization& normalization, int64_t num_experts) {
   if (num_experts <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("routing needs at least one expert, got ", num_experts));
   }
   if (!std::isfinite(normalization.temperature) || !(normalization.temperature > 0)) {
-    return absl::InvalidArgumentError(absl::StrCat("temperature must be finite and > 0, got ",
-                                                   normalization.temperature));
+    return absl::InvalidArgumentError(
+        absl::StrCat("temperature must be finite and > 0, got ", normalization.temperature));
   }
   if (normalization.top_k < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("top_k must be >= 0 (0 = dense), got ", normalization.top_k));
   }
   if (normalization.top_k > num_experts) {
-    return absl::InvalidArgumentError(absl::StrCat("top_k ", normalization.top_k,
-                                                   " exceeds the ", num_experts, " experts"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("top_k ", normalization.top_k, " exceeds the ", num_experts, " experts"));
   }
   const at::Tensor& allowed = normalization.allowed;
   if (!allowed.defined()) return absl::OkStatus();
@@ -258,8 +258,7 @@ absl::Status ValidateNormalization(const RoutingNormalization& normalization,
       return absl::InvalidArgumentError("expert mask allows no expert");
     }
   } catch (const c10::Error& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("expert mask: ", e.what_without_backtrace()));
+    return absl::InvalidArgumentError(absl::StrCat("expert mask: ", e.what_without_backtrace()));
   }
   return absl::OkStatus();
 }
@@ -325,12 +324,12 @@ absl::StatusOr<std::shared_ptr<const Router>> Router::Load(const std::string& di
   const int64_t num_experts = static_cast<int64_t>(config.experts.size());
   ASSIGN_OR_RETURN(at::Tensor weight, checkpoint.Get(kGateWeight, {num_experts, hidden_size}));
   ASSIGN_OR_RETURN(at::Tensor bias, checkpoint.Get(kGateBias, {num_experts}));
-  for (const auto& [name, tensor] : {std::pair{kGateWeight, &weight}, std::pair{kGateBias, &bias}}) {
+  for (const auto& [name, tensor] :
+       {std::pair{kGateWeight, &weight}, std::pair{kGateBias, &bias}}) {
     if (!at::isFloatingType(tensor->scalar_type())) {
-      return absl::InvalidArgumentError(absl::StrCat(weights_path, ": tensor '", name,
-                                                     "' has dtype ",
-                                                     c10::toString(tensor->scalar_type()),
-                                                     ", expected a floating dtype"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(weights_path, ": tensor '", name, "' has dtype ",
+                       c10::toString(tensor->scalar_type()), ", expected a floating dtype"));
     }
   }
   try {
@@ -361,10 +360,9 @@ absl::StatusOr<std::shared_ptr<const Router>> Router::Create(RouterConfig config
     RETURN_IF_ERROR(CheckGateTensor(gate_weight, label, kGateWeight, {num_experts, hidden_size}));
     RETURN_IF_ERROR(CheckGateTensor(gate_bias, label, kGateBias, {num_experts}));
     if (gate_weight.device() != gate_bias.device()) {
-      return absl::InvalidArgumentError(absl::StrCat(label, ": gate.weight is on ",
-                                                     gate_weight.device().str(),
-                                                     " but gate.bias is on ",
-                                                     gate_bias.device().str()));
+      return absl::InvalidArgumentError(
+          absl::StrCat(label, ": gate.weight is on ", gate_weight.device().str(),
+                       " but gate.bias is on ", gate_bias.device().str()));
     }
     auto router = std::make_shared<Router>();
     router->config_ = std::move(config);
@@ -380,10 +378,9 @@ absl::StatusOr<std::shared_ptr<const Router>> Router::Create(RouterConfig config
 }
 
 at::Tensor Router::Logits(const at::Tensor& features) const {
-  TORCH_CHECK(features.defined() && features.dim() == 2 &&
-                  features.size(1) == gate_weight_.size(1),
-              "router '", config_.name, "': features must be [n, ", gate_weight_.size(1),
-              "], got ", features.defined() ? features.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(features.defined() && features.dim() == 2 && features.size(1) == gate_weight_.size(1),
+              "router '", config_.name, "': features must be [n, ", gate_weight_.size(1), "], got ",
+              features.defined() ? features.sizes() : at::IntArrayRef{});
   const at::Tensor x = features.to(at::kFloat);
   if (x.device() == gate_weight_.device()) return at::linear(x, gate_weight_, gate_bias_);
   return at::linear(x, gate_weight_.to(x.device()), gate_bias_.to(x.device()));

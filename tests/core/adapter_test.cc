@@ -194,7 +194,9 @@ TEST_F(AdapterTest, ListTargetsLoadSortedWithDefaultScaling) {
   }
   // Values survive: layer 1 v_proj's A was written third from last.
   for (const auto& [key, tensor] : tensors) {
-    if (key == KeyA(1, ProjectionKind::kV)) EXPECT_TRUE(at::equal(adapter->modules()[3].a, tensor));
+    if (key == KeyA(1, ProjectionKind::kV)) {
+      EXPECT_TRUE(at::equal(adapter->modules()[3].a, tensor));
+    }
   }
   EXPECT_EQ(adapter->max_rank(), 4);
   // q: 4*64 + 64*4; v: 4*64 + 32*4; two layers; fp32.
