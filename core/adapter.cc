@@ -249,6 +249,7 @@ absl::Status RefuseFeatures(const Json& json, absl::string_view label) {
       {"use_bdlora", "block-diagonal LoRA (BD-LoRA) is not supported"},
       {"arrow_config", "Arrow routing is not supported"},
       {"monteclora_config", "MonteCLoRA is not supported"},
+      {"kasa_config", "KaSA is not supported"},
   };
   for (const auto& [field, why] : in_use) {
     auto it = json.find(field);
@@ -375,9 +376,9 @@ absl::Status ParsePatterns(const Json& json, absl::string_view label, AdapterCon
     if (!it->is_object()) return FieldError(label, "alpha_pattern", "must be an object");
     for (const auto& [key, value] : it->items()) {
       if (!value.is_number() || !std::isfinite(value.get<double>())) {
-        return FieldError(label, "alpha_pattern",
-                          absl::StrCat("maps '", key, "' to ", value.dump(),
-                                       "; alphas must be numbers"));
+        return FieldError(
+            label, "alpha_pattern",
+            absl::StrCat("maps '", key, "' to ", value.dump(), "; alphas must be numbers"));
       }
       RETURN_IF_ERROR(CheckRegex(label, "alpha_pattern", key, PatternKeyRegex(key)));
       config.alpha_pattern[key] = value.get<double>();
@@ -401,7 +402,8 @@ absl::StatusOr<AdapterConfig> ParseConfig(absl::string_view json_text, absl::str
   AdapterConfig config;
   if (auto it = json.find("r"); it != json.end() && !it->is_null()) {
     if (!it->is_number_integer() || it->get<int64_t>() <= 0) {
-      return FieldError(label, "r", absl::StrCat("is ", it->dump(), "; must be a positive integer"));
+      return FieldError(label, "r",
+                        absl::StrCat("is ", it->dump(), "; must be a positive integer"));
     }
     config.r = it->get<int64_t>();
   }
@@ -452,8 +454,9 @@ absl::StatusOr<ParsedKey> ParseKey(const std::string& key, const ModelConfig& ba
     return absl::InvalidArgumentError(absl::StrCat(prefix, "key '", key, "' ", what));
   };
   if (absl::StrContains(key, "lora_embedding_A") || absl::StrContains(key, "lora_embedding_B")) {
-    return error("is an embedding LoRA weight (lora_embedding_A / lora_embedding_B): LoRA on "
-                 "embeddings is not supported");
+    return error(
+        "is an embedding LoRA weight (lora_embedding_A / lora_embedding_B): LoRA on "
+        "embeddings is not supported");
   }
   if (absl::StrContains(key, "lora_magnitude_vector")) {
     return error("is a DoRA magnitude (lora_magnitude_vector): DoRA is not supported");
@@ -477,11 +480,13 @@ absl::StatusOr<ParsedKey> ParseKey(const std::string& key, const ModelConfig& ba
         "has an adapter name between lora_A/lora_B and 'weight'; PEFT removes it when saving, "
         "so expected '<module>.lora_A.weight' / '<module>.lora_B.weight'");
   } else if (absl::EndsWith(rest, ".bias")) {
-    return error("is a bias of the base model (saved with bias \"all\" or \"lora_only\"): "
-                 "training base biases is not supported");
+    return error(
+        "is a bias of the base model (saved with bias \"all\" or \"lora_only\"): "
+        "training base biases is not supported");
   } else {
-    return error("is not a LoRA weight (expected '<module>.lora_A.weight' or "
-                 "'<module>.lora_B.weight')");
+    return error(
+        "is not a LoRA weight (expected '<module>.lora_A.weight' or "
+        "'<module>.lora_B.weight')");
   }
   std::optional<ProjectionId> id = ParseProjectionPath(module);
   if (!id.has_value()) {
@@ -530,8 +535,8 @@ absl::StatusOr<at::Tensor> ReadFactor(const SafetensorsFile& file, const Safeten
   ASSIGN_OR_RETURN(at::Tensor tensor, ReadTensor(file, entry));
   tensor = tensor.to(at::kFloat).contiguous();
   if (!at::isfinite(tensor).all().item<bool>()) {
-    return absl::InvalidArgumentError(absl::StrCat(prefix, what, " (key '", entry.name,
-                                                   "') has non-finite values (NaN or Inf)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, what, " (key '", entry.name, "') has non-finite values (NaN or Inf)"));
   }
   return tensor;
 }
@@ -674,9 +679,9 @@ absl::StatusOr<Adapter> Adapter::Load(const std::string& name, const std::string
       for (int k = 0; k < kNumProjectionKinds; ++k) {
         const ProjectionId id{layer, static_cast<ProjectionKind>(k)};
         if (found.count({layer, k}) == 0 && config.Targets(id.ModulePath(), layer)) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              prefix, "the config targets ", id.ModulePath(), ", but ", weights_path,
-              " has no LoRA weights for it (expected key '", KeyFor(id, true), "')"));
+          return absl::InvalidArgumentError(
+              absl::StrCat(prefix, "the config targets ", id.ModulePath(), ", but ", weights_path,
+                           " has no LoRA weights for it (expected key '", KeyFor(id, true), "')"));
         }
       }
     }

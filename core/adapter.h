@@ -5,13 +5,13 @@
 // adapter_model.safetensors, read into per-projection A, B and scaling, validated against the
 // base model's config. Whatever PEFT feature we do not implement is refused by name.
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <map>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -37,7 +37,8 @@ struct AdapterConfig {
   std::map<std::string, int64_t> rank_pattern;
   std::map<std::string, double> alpha_pattern;
   // The pattern keys in adapter_config.json's order: PEFT takes the first key that matches, so
-  // order matters (keys missing here are tried after these, sorted).
+  // order matters when keys overlap (PEFT writes the file with sorted keys, and that is the order
+  // a reloaded PeftModel uses). Keys missing here are tried after these, sorted.
   std::vector<std::string> rank_pattern_order;
   std::vector<std::string> alpha_pattern_order;
   std::vector<int64_t> layers_to_transform;  // empty = all layers

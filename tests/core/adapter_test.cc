@@ -29,10 +29,9 @@ using Tensors = std::vector<std::pair<std::string, at::Tensor>>;
 // Debian's gtest matchers do not take absl::string_view.
 std::string Message(const absl::Status& status) { return std::string(status.message()); }
 
-constexpr ProjectionKind kAllKinds[] = {ProjectionKind::kQ,    ProjectionKind::kK,
-                                        ProjectionKind::kV,    ProjectionKind::kO,
-                                        ProjectionKind::kGate, ProjectionKind::kUp,
-                                        ProjectionKind::kDown};
+constexpr ProjectionKind kAllKinds[] = {
+    ProjectionKind::kQ,    ProjectionKind::kK,  ProjectionKind::kV,   ProjectionKind::kO,
+    ProjectionKind::kGate, ProjectionKind::kUp, ProjectionKind::kDown};
 
 std::string Path(int64_t layer, ProjectionKind kind) {
   return ProjectionId{layer, kind}.ModulePath();
@@ -131,7 +130,8 @@ class AdapterTest : public ::testing::Test {
         in = base_.intermediate_size;
         break;
     }
-    return {{KeyA(layer, kind), at::randn({rank, in})}, {KeyB(layer, kind), at::randn({out, rank})}};
+    return {{KeyA(layer, kind), at::randn({rank, in})},
+            {KeyB(layer, kind), at::randn({out, rank})}};
   }
 
   // Factors of `kinds` in every layer at one rank.
@@ -214,8 +214,8 @@ TEST_F(AdapterTest, ListMatchesNamesAndDottedSuffixesOnly) {
   EXPECT_TRUE(config->Targets("q_proj", 0));  // equal to an entry
 
   // A full path is matched exactly.
-  auto adapter = Load(PeftConfig({"model.layers.1.self_attn.q_proj"}),
-                      Factors(1, ProjectionKind::kQ, 4));
+  auto adapter =
+      Load(PeftConfig({"model.layers.1.self_attn.q_proj"}), Factors(1, ProjectionKind::kQ, 4));
   ASSERT_TRUE(adapter.ok()) << adapter.status();
   ASSERT_EQ(adapter->modules().size(), 1u);
   EXPECT_EQ(adapter->modules()[0].id.layer, 1);
@@ -379,9 +379,8 @@ TEST_F(AdapterTest, LayerOptionsPeftRefusesAreRefused) {
 }
 
 TEST_F(AdapterTest, RankAndAlphaPatterns) {
-  Json json = PeftConfig({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                          "down_proj"},
-                         6, 12);
+  Json json = PeftConfig(
+      {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}, 6, 12);
   json["rank_pattern"] = {{"o_proj", 2}, {"model.layers.1.mlp.down_proj", 3}};
   json["alpha_pattern"] = {{"down_proj", 3.0}};
   Tensors tensors;
@@ -450,8 +449,8 @@ TEST_F(AdapterTest, PatternKeysMatchAsPeftDoesFirstKeyWins) {
   EXPECT_DOUBLE_EQ(config->ScalingFor(q0), 16.0 / 4);
   EXPECT_DOUBLE_EQ(config->ScalingFor("model.layers.1.self_attn.q_proj"), 4.0 / 2);
 
-  auto bad = AdapterConfig::FromJson(R"({"target_modules": ["q_proj"], "rank_pattern": {"[": 2}})",
-                                     "a");
+  auto bad =
+      AdapterConfig::FromJson(R"({"target_modules": ["q_proj"], "rank_pattern": {"[": 2}})", "a");
   ASSERT_FALSE(bad.ok());
   EXPECT_THAT(Message(bad.status()), HasSubstr("rank_pattern"));
   bad = AdapterConfig::FromJson(R"({"target_modules": ["q_proj"], "rank_pattern": {"q_proj": 0}})",
@@ -503,6 +502,90 @@ TEST_F(AdapterTest, AcceptedOptionsAndHalfPrecisionWeights) {
   }
 }
 
+// adapter_config.json exactly as PEFT 0.21 saved it (keys sorted, rank_pattern included) for
+// LoraConfig(r=6, lora_alpha=12, target_modules=[all 7], rank_pattern={"o_proj": 2,
+// "model.layers.1.mlp.down_proj": 3}, alpha_pattern={"down_proj": 3.0}); PEFT gave these ranks
+// and scalings (checked by tools/golden/make_peft_golden.py).
+TEST_F(AdapterTest, ConfigSavedByPeft021) {
+  const std::string text = R"json({
+  "alora_invocation_tokens": null,
+  "alpha_pattern": {
+    "down_proj": 3.0
+  },
+  "arrow_config": null,
+  "auto_mapping": null,
+  "base_model_name_or_path": "tests/data/golden/llama_gqa_llama3",
+  "bias": "none",
+  "corda_config": null,
+  "ensure_weight_tying": false,
+  "eva_config": null,
+  "exclude_modules": null,
+  "fan_in_fan_out": false,
+  "inference_mode": true,
+  "init_lora_weights": true,
+  "kasa_config": null,
+  "layer_replication": null,
+  "layers_pattern": null,
+  "layers_to_transform": null,
+  "loftq_config": {},
+  "lora_alpha": 12,
+  "lora_bias": false,
+  "lora_dropout": 0.0,
+  "lora_ga_config": null,
+  "megatron_config": null,
+  "megatron_core": "megatron.core",
+  "modules_to_save": null,
+  "monteclora_config": null,
+  "peft_type": "LORA",
+  "peft_version": "0.21.0",
+  "qalora_group_size": 16,
+  "r": 6,
+  "rank_pattern": {
+    "model.layers.1.mlp.down_proj": 3,
+    "o_proj": 2
+  },
+  "revision": null,
+  "target_modules": [
+    "o_proj",
+    "down_proj",
+    "up_proj",
+    "q_proj",
+    "k_proj",
+    "gate_proj",
+    "v_proj"
+  ],
+  "target_parameters": null,
+  "task_type": "CAUSAL_LM",
+  "trainable_token_indices": null,
+  "use_bdlora": null,
+  "use_dora": false,
+  "use_qalora": false,
+  "use_rslora": false,
+  "velora_config": null
+})json";
+  auto config = AdapterConfig::FromJson(text, "r6_patterns/adapter_config.json");
+  ASSERT_TRUE(config.ok()) << config.status();
+  for (int64_t layer = 0; layer < 2; ++layer) {
+    for (ProjectionKind kind : kAllKinds) {
+      const std::string path = Path(layer, kind);
+      SCOPED_TRACE(path);
+      EXPECT_TRUE(config->Targets(path, layer));
+      int64_t rank = 6;
+      double scaling = 2.0;
+      if (kind == ProjectionKind::kO) {
+        rank = 2;
+        scaling = 6.0;
+      } else if (kind == ProjectionKind::kDown) {
+        rank = layer == 1 ? 3 : 6;
+        scaling = layer == 1 ? 1.0 : 0.5;
+      }
+      EXPECT_EQ(config->RankFor(path), rank);
+      EXPECT_DOUBLE_EQ(config->ScalingFor(path), scaling);
+    }
+  }
+  EXPECT_FALSE(config->Targets("lm_head", 0));
+}
+
 // ---- malformed adapters ---------------------------------------------------------------------
 
 TEST_F(AdapterTest, MissingFilesAreNotFound) {
@@ -526,8 +609,8 @@ TEST_F(AdapterTest, MissingFilesAreNotFound) {
 }
 
 TEST_F(AdapterTest, InvalidJson) {
-  auto adapter = Adapter::Load("math", Write("{\"r\": ", AllLayers({ProjectionKind::kQ}, 4)),
-                               base_);
+  auto adapter =
+      Adapter::Load("math", Write("{\"r\": ", AllLayers({ProjectionKind::kQ}, 4)), base_);
   ASSERT_FALSE(adapter.ok());
   EXPECT_EQ(adapter.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(Message(adapter.status()), HasSubstr("adapter 'math'"));
@@ -576,6 +659,8 @@ TEST_F(AdapterTest, UnsupportedFeaturesAreRefusedByName) {
       {"megatron_config", {{"tensor_model_parallel_size", 2}}},
       {"use_bdlora", {{"nblocks", 2}}},
       {"arrow_config", {{"top_k", 2}}},
+      {"monteclora_config", {{"num_samples", 4}}},
+      {"kasa_config", {{"beta", 0.1}}},
       {"use_dora", "yes"},
   };
   for (const Case& c : cases) {
@@ -644,8 +729,8 @@ TEST_F(AdapterTest, DoraMagnitudeKeyIsRefused) {
 
 TEST_F(AdapterTest, BiasKeysAreRefused) {
   Tensors tensors = AllLayers({ProjectionKind::kQ}, 4);
-  tensors.push_back({"base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias",
-                     at::randn({64})});
+  tensors.push_back(
+      {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias", at::randn({64})});
   auto adapter = Load(PeftConfig({"q_proj"}), tensors);
   ASSERT_FALSE(adapter.ok());
   EXPECT_THAT(Message(adapter.status()), HasSubstr("lora_bias"));
@@ -659,11 +744,10 @@ TEST_F(AdapterTest, BiasKeysAreRefused) {
 }
 
 TEST_F(AdapterTest, AdapterNameInKeyIsExplained) {
-  Tensors tensors = {
-      {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
-       at::randn({4, 64})},
-      {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight",
-       at::randn({64, 4})}};
+  Tensors tensors = {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
+                      at::randn({4, 64})},
+                     {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight",
+                      at::randn({64, 4})}};
   auto adapter = Load(PeftConfig({"model.layers.0.self_attn.q_proj"}), tensors);
   ASSERT_FALSE(adapter.ok());
   EXPECT_THAT(Message(adapter.status()), HasSubstr("lora_A.default.weight"));
@@ -686,8 +770,8 @@ TEST_F(AdapterTest, KeyOutsideTheProjectionsIsRefused) {
   EXPECT_THAT(Message(adapter.status()), HasSubstr("base_model.model."));
 
   tensors = AllLayers({ProjectionKind::kQ}, 4);
-  tensors.push_back({"base_model.model.model.layers.0.mlp.q_proj.lora_A.weight",
-                     at::randn({4, 64})});
+  tensors.push_back(
+      {"base_model.model.model.layers.0.mlp.q_proj.lora_A.weight", at::randn({4, 64})});
   adapter = Load(PeftConfig({"q_proj"}), tensors);
   ASSERT_FALSE(adapter.ok());
   EXPECT_THAT(Message(adapter.status()), HasSubstr("model.layers.0.mlp.q_proj"));
