@@ -89,7 +89,7 @@ absl::StatusOr<std::unique_ptr<ExpertPool>> ExpertPool::Create(const Model& mode
                      options.max_rank, "): ", e.what_without_backtrace()));
   }
   auto empty = std::make_shared<ExpertSnapshot>();
-  empty->row_scaling_.resize(pool->stacks_.size());
+  empty->targeted_.assign(pool->stacks_.size(), false);
   {
     absl::MutexLock lock(&pool->snapshot_mu_);
     pool->snapshot_ = std::move(empty);
@@ -180,7 +180,8 @@ absl::StatusOr<ExpertInfo> ExpertPool::Attach(const Adapter& adapter) {
     for (const AdapterModule& module : adapter.modules()) {
       const int64_t index = ProjectionIndex(module.id);
       Stack& stack = stacks_[index];
-      stack.a.narrow(0, slot * max_rank, module.rank).copy_(module.a);
+      // The scaling is folded into A once here, so a forward multiplies only by the weights.
+      stack.a.narrow(0, slot * max_rank, module.rank).copy_(module.a * module.scaling);
       stack.bt.narrow(0, slot * max_rank, module.rank).copy_(module.b.t());
       resident->scaling_[index] = module.scaling;
       resident->ranks_[index] = module.rank;
@@ -232,32 +233,19 @@ absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> ExpertPool::BuildSnapshot(
   auto snapshot = std::make_shared<ExpertSnapshot>();
   snapshot->version_ = next_version_++;
   const int64_t n = static_cast<int64_t>(experts.size());
-  const int64_t max_rank = options_.max_rank;
   const c10::Device device = model_.options().device;
   for (int64_t i = 0; i < n; ++i) {
     snapshot->positions_[experts[i]->info().name] = i;
     snapshot->slots_.push_back(experts[i]->info().slot);
     if (experts[i]->info().slot != i) snapshot->slots_are_prefix_ = false;
   }
-  snapshot->row_scaling_.resize(stacks_.size());
+  snapshot->targeted_.assign(stacks_.size(), false);
+  for (const auto& expert : experts) {
+    for (const auto& [index, scaling] : expert->scaling()) snapshot->targeted_[index] = true;
+  }
   try {
     snapshot->slot_index_ =
         at::tensor(snapshot->slots_, at::TensorOptions().dtype(at::kLong)).to(device);
-    for (size_t p = 0; p < stacks_.size(); ++p) {
-      std::vector<float> rows(n * max_rank, 0.0f);
-      bool targeted = false;
-      for (int64_t i = 0; i < n; ++i) {
-        auto scaling = experts[i]->scaling().find(static_cast<int64_t>(p));
-        if (scaling == experts[i]->scaling().end()) continue;
-        const int64_t rank = experts[i]->ranks().at(static_cast<int64_t>(p));
-        std::fill_n(rows.begin() + i * max_rank, rank, static_cast<float>(scaling->second));
-        targeted = true;
-      }
-      if (targeted) {
-        snapshot->row_scaling_[p] =
-            at::tensor(rows, at::TensorOptions().dtype(at::kFloat)).to(device);
-      }
-    }
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("building expert snapshot: ", e.what_without_backtrace()));
@@ -273,22 +261,20 @@ MixtureDelta::MixtureDelta(const ExpertPool& pool, std::shared_ptr<const ExpertS
   if (n > 0) {
     const int64_t tokens = weights.size(0);
     const int64_t max_rank = pool_.options_.max_rank;
-    // fp32 (fp64 for a double-precision model, as gradient checks use).
-    row_weights_ = weights.to(weights.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)
-                       .unsqueeze(2)
+    // Each expert's weight repeated over its rank rows, in the model's dtype: [tokens, n * R].
+    row_weights_ = weights.unsqueeze(2)
                        .expand({tokens, n, max_rank})
-                       .reshape({tokens, n * max_rank});
+                       .reshape({tokens, n * max_rank})
+                       .to(pool_.model_.options().dtype);
   }
 }
 
 at::Tensor MixtureDelta::Apply(const ProjectionId& id, const at::Tensor& x,
                                at::Tensor base_output) const {
   const int64_t index = ProjectionIndex(id);
-  const at::Tensor& row_scaling = snapshot_->row_scaling_[index];
-  if (!row_scaling.defined()) return base_output;  // no attached expert adapts this projection
+  if (!snapshot_->targeted_[index]) return base_output;  // no attached expert adapts it
   const ExpertPool::Stack& stack = pool_.stacks_[index];
-  const int64_t n = snapshot_->size();
-  const int64_t rows = n * pool_.options_.max_rank;
+  const int64_t rows = snapshot_->size() * pool_.options_.max_rank;
   at::Tensor a, bt;
   if (snapshot_->slots_are_prefix_) {
     a = stack.a.narrow(0, 0, rows);
@@ -303,9 +289,14 @@ at::Tensor MixtureDelta::Apply(const ProjectionId& id, const at::Tensor& x,
              .index_select(0, snapshot_->slot_index_)
              .view({rows, -1});
   }
-  const at::Tensor shrink = at::linear(x, a);  // [tokens, rows]
-  const at::Tensor scale = (row_weights_ * row_scaling).to(shrink.scalar_type());
-  return base_output + at::matmul(shrink * scale, bt);
+  at::Tensor shrink = at::linear(x, a);  // [tokens, rows], scaling already in A
+  if (row_weights_.requires_grad() || x.requires_grad()) {
+    return at::addmm(base_output, shrink * row_weights_, bt);  // autograd-friendly
+  }
+  // Inference: scale in place and let the expand GEMM accumulate into the base output, so the
+  // delta costs two GEMMs and one elementwise kernel, with no extra pass over [tokens, out].
+  shrink.mul_(row_weights_);
+  return base_output.addmm_(shrink, bt);
 }
 
 }  // namespace moelora

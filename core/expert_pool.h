@@ -6,7 +6,8 @@
 // Every projection (layer, kind) owns two stacks allocated once at start-up:
 //   A_all [capacity * max_rank, in]  and  Bt_all [capacity * max_rank, out]   (Bt = Bᵀ)
 // Slot s owns rows [s * max_rank, (s + 1) * max_rank): the expert's rank rows, then zeros. An
-// expert that does not target a projection leaves its rows there zero.
+// expert that does not target a projection leaves its rows there zero. The expert's scaling s
+// (alpha/r, alpha/sqrt(r), patterns) is folded into its A rows at attach.
 //
 // Attach = load + validate + copy into a free slot + publish a new snapshot. Detach = publish a
 // snapshot without the expert. A slot returns to the free list only when the last snapshot that
@@ -91,10 +92,8 @@ class ExpertSnapshot {
   std::vector<int64_t> slots_;
   bool slots_are_prefix_ = true;
   at::Tensor slot_index_;  // long [n] on the device
-  // Per projection (layer * kNumProjectionKinds + kind): [n * max_rank] fp32 on the device, the
-  // scaling of each active rank row (0 for padding rows), undefined when no active expert
-  // targets the projection.
-  std::vector<at::Tensor> row_scaling_;
+  // Per projection (layer * kNumProjectionKinds + kind): does any active expert adapt it?
+  std::vector<bool> targeted_;
 };
 
 class ExpertPool {
@@ -149,7 +148,7 @@ class ExpertPool {
 };
 
 // The fused single pass: in every targeted projection
-//   y += ((x · A_activeᵀ) ⊙ expand(w ⊙ s)) · Bt_active
+//   y += ((x · (s·A)_activeᵀ) ⊙ expand(w)) · Bt_active      (= Σᵢ wᵢ·sᵢ·BᵢAᵢx)
 // one shrink GEMM and one expand GEMM whatever the number of experts. `weights` is
 // [tokens, snapshot->size()] (packed tokens, snapshot position order), fp32, on the model's
 // device; it may require grad.
@@ -163,7 +162,7 @@ class MixtureDelta : public LinearDelta {
  private:
   const ExpertPool& pool_;
   std::shared_ptr<const ExpertSnapshot> snapshot_;
-  at::Tensor row_weights_;  // [tokens, n * max_rank]: each expert's weight over its rank rows
+  at::Tensor row_weights_;  // [tokens, n * max_rank], model dtype: weights over rank rows
 };
 
 inline int64_t ProjectionIndex(const ProjectionId& id) {

@@ -1,6 +1,7 @@
 #include "core/mixture.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -269,7 +270,7 @@ TEST_F(MixtureTest, GradientsReachRoutingWeightsAndTheGate) {
   const double step = 1e-2;
   double numeric = 0;
   {
-    at::NoGradGuard no_grad;
+    c10::NoGradGuard no_grad;
     gate[1][5] += step;
     const double up = routed_loss().item<double>();
     gate[1][5] -= 2 * step;

@@ -1,6 +1,7 @@
 #include "core/router.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -329,7 +330,7 @@ TEST_F(RouterDirTest, SaveOfTrainableRouterWritesCurrentValues) {
   auto router = Router::Create(MakeConfig({"a", "b"}), weight, bias);
   ASSERT_TRUE(router.ok());
   {
-    at::NoGradGuard no_grad;
+    c10::NoGradGuard no_grad;
     weight.add_(1.5);  // a trainer's in-place step, seen through the shared storage
   }
   ASSERT_TRUE((*router)->Save(dir_.path()).ok());
