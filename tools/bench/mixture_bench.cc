@@ -4,7 +4,7 @@
 // CPU (small default shape):   build/tools/bench/moelora-bench
 // GPU (Gemma-2B-like layers, as scripts/gpu-bench.sh runs it):
 //   moelora-bench --device=cuda --dtype=bf16 --hidden=2048
-//     --intermediate=16384 --heads=8 --kv_heads=1 --head_dim=256 --layers=4 --vocab=32000 \
+//     --intermediate=16384 --heads=8 --kv_heads=1 --head_dim=256 --layers=4 --vocab=32000
 //     --rank=16 --batch=4 --seq_len=512
 // Random weights; the model and 8 rank-r experts over all seven projections are written once to
 // --work_dir. Time per iteration includes a host sync on the logits.
