@@ -17,6 +17,7 @@
 #include <iostream>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -170,6 +171,27 @@ void BM_KPass(benchmark::State& state, int k) {
   state.SetItemsProcessed(state.iterations() * s.tokens);
 }
 
+// One projection alone, base vs base + fused delta (n·R = 8·16 rank rows): where the fused pass
+// spends its time, shape by shape.
+void BM_Projection(benchmark::State& state, int64_t in, int64_t out, bool fused) {
+  Setup& s = Global();
+  const auto options =
+      at::TensorOptions().dtype(s.model->options().dtype).device(s.model->options().device);
+  const int64_t tokens = s.tokens, rows = kMaxExperts * absl::GetFlag(FLAGS_rank);
+  const at::Tensor x = at::randn({tokens, in}, options), w = at::randn({out, in}, options);
+  const at::Tensor a = at::randn({rows, in}, options) * 0.01, bt = at::randn({rows, out}, options);
+  const at::Tensor row_weights = at::rand({tokens, rows}, options);
+  for (auto _ : state) {
+    at::Tensor y = at::linear(x, w);
+    if (fused) {
+      at::Tensor shrink = at::linear(x, a);
+      shrink.mul_(row_weights);
+      y.addmm_(shrink, bt);
+    }
+    benchmark::DoNotOptimize(y.sum().item<float>());
+  }
+}
+
 }  // namespace
 }  // namespace moelora
 
@@ -184,6 +206,23 @@ int main(int argc, char** argv) {
         ->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark(absl::StrCat("prefill/kpass/K=", k).c_str(), moelora::BM_KPass, k)
         ->Unit(benchmark::kMillisecond);
+  }
+  const int64_t hidden = absl::GetFlag(FLAGS_hidden),
+                intermediate = absl::GetFlag(FLAGS_intermediate);
+  const int64_t q = absl::GetFlag(FLAGS_heads) * absl::GetFlag(FLAGS_head_dim);
+  const int64_t kv = absl::GetFlag(FLAGS_kv_heads) * absl::GetFlag(FLAGS_head_dim);
+  for (const auto& [label, in, out] :
+       std::vector<std::tuple<std::string, int64_t, int64_t>>{{"q", hidden, q},
+                                                              {"kv", hidden, kv},
+                                                              {"o", q, hidden},
+                                                              {"gate_up", hidden, intermediate},
+                                                              {"down", intermediate, hidden}}) {
+    for (bool fused : {false, true}) {
+      benchmark::RegisterBenchmark(
+          absl::StrCat("projection/", label, fused ? "/fused_K=8" : "/base").c_str(),
+          moelora::BM_Projection, in, out, fused)
+          ->Unit(benchmark::kMicrosecond);
+    }
   }
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
