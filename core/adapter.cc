@@ -21,12 +21,16 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "core/checkpoint.h"
+#include "core/file_io.h"
+#include "core/json_fields.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace moelora {
 namespace {
+
+using json_fields::FieldError;
 
 // ordered_json keeps the file's key order: rank_pattern / alpha_pattern are first-match-wins.
 using Json = nlohmann::ordered_json;
@@ -46,10 +50,6 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
-absl::Status FieldError(absl::string_view label, absl::string_view field, absl::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat(label, ": field '", field, "' ", what));
-}
-
 bool IsUnset(const Json& json, const char* field) {
   auto it = json.find(field);
   return it == json.end() || it->is_null();
@@ -63,14 +63,6 @@ bool IsEmptyValue(const Json& value) {
   if (value.is_array() || value.is_object()) return value.empty();
   if (value.is_number()) return value.get<double>() == 0.0;
   return false;
-}
-
-absl::StatusOr<bool> BoolField(const Json& json, absl::string_view label, const char* field,
-                               bool fallback) {
-  auto it = json.find(field);
-  if (it == json.end() || it->is_null()) return fallback;
-  if (!it->is_boolean()) return FieldError(label, field, "must be true or false");
-  return it->get<bool>();
 }
 
 // Compiles `pattern` (ECMAScript, close to Python's re for these patterns) or says why not.
@@ -179,33 +171,6 @@ std::optional<ProjectionId> ParseProjectionPath(absl::string_view path) {
 }
 
 // {in_features, out_features} of a projection of `base`.
-std::pair<int64_t, int64_t> ProjectionShape(ProjectionKind kind, const ModelConfig& base) {
-  switch (kind) {
-    case ProjectionKind::kQ:
-      return {base.hidden_size, base.q_size()};
-    case ProjectionKind::kK:
-    case ProjectionKind::kV:
-      return {base.hidden_size, base.kv_size()};
-    case ProjectionKind::kO:
-      return {base.q_size(), base.hidden_size};
-    case ProjectionKind::kGate:
-    case ProjectionKind::kUp:
-      return {base.hidden_size, base.intermediate_size};
-    case ProjectionKind::kDown:
-      return {base.intermediate_size, base.hidden_size};
-  }
-  return {0, 0};
-}
-
-absl::StatusOr<std::string> ReadSmallFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::ostringstream contents;
-  contents << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat(path, ": read failed"));
-  return std::move(contents).str();
-}
-
 bool IsRegularFile(const std::string& path) {
   struct stat info;
   return ::stat(path.c_str(), &info) == 0 && S_ISREG(info.st_mode);
@@ -227,7 +192,7 @@ absl::Status RefuseFeatures(const Json& json, absl::string_view label) {
       {"use_qalora", "QALoRA is not supported"},
   };
   for (const auto& [field, why] : switches) {
-    ASSIGN_OR_RETURN(bool on, BoolField(json, label, field, false));
+    ASSIGN_OR_RETURN(bool on, json_fields::Bool(json, label, field, false));
     if (on) return FieldError(label, field, absl::StrCat("is true: ", why));
   }
   if (auto it = json.find("bias"); it != json.end() && !it->is_null()) {
@@ -413,8 +378,8 @@ absl::StatusOr<AdapterConfig> ParseConfig(absl::string_view json_text, absl::str
     }
     config.lora_alpha = it->get<double>();
   }
-  ASSIGN_OR_RETURN(config.use_rslora, BoolField(json, label, "use_rslora", false));
-  ASSIGN_OR_RETURN(config.fan_in_fan_out, BoolField(json, label, "fan_in_fan_out", false));
+  ASSIGN_OR_RETURN(config.use_rslora, json_fields::Bool(json, label, "use_rslora", false));
+  ASSIGN_OR_RETURN(config.fan_in_fan_out, json_fields::Bool(json, label, "fan_in_fan_out", false));
 
   if (IsUnset(json, "target_modules")) {
     return FieldError(label, "target_modules",
@@ -614,7 +579,7 @@ absl::StatusOr<Adapter> Adapter::Load(const std::string& name, const std::string
                     "safe_serialization=True)"
                   : ""));
     }
-    ASSIGN_OR_RETURN(std::string config_text, ReadSmallFile(config_path));
+    ASSIGN_OR_RETURN(std::string config_text, ReadFileToString(config_path, "adapter config"));
 
     Adapter adapter;
     adapter.name_ = name;
@@ -662,15 +627,15 @@ absl::StatusOr<Adapter> Adapter::Load(const std::string& name, const std::string
           rank_key.has_value()
               ? absl::StrCat("rank ", rank, " from rank_pattern key '", *rank_key, "'")
               : absl::StrCat("rank ", rank, " from r");
-      const auto [in_features, out_features] = ProjectionShape(id.kind, base);
+      const ProjectionShape shape = ShapeOf(base, id.kind);
       AdapterModule module;
       module.id = id;
       module.rank = rank;
       module.scaling = config.ScalingFor(path);
       ASSIGN_OR_RETURN(module.a, ReadFactor(file, *tensors.a, absl::StrCat("lora_A for ", path),
-                                            prefix, {rank, in_features}, rank_source));
+                                            prefix, {rank, shape.in_features}, rank_source));
       ASSIGN_OR_RETURN(module.b, ReadFactor(file, *tensors.b, absl::StrCat("lora_B for ", path),
-                                            prefix, {out_features, rank}, rank_source));
+                                            prefix, {shape.out_features, rank}, rank_source));
       adapter.modules_.push_back(std::move(module));
     }
 

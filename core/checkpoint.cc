@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/file_io.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -46,22 +47,9 @@ bool IsPlainFileName(std::string_view name) {
          name.find('\0') == std::string_view::npos;
 }
 
-absl::Status Annotate(const absl::Status& status, absl::string_view prefix) {
-  return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
-}
-
-absl::StatusOr<std::string> ReadSmallFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::ostringstream contents;
-  contents << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat(path, ": read failed"));
-  return std::move(contents).str();
-}
-
 // Parses the index into tensor name -> shard file name.
 absl::StatusOr<std::map<std::string, std::string>> ParseIndex(const std::string& index_path) {
-  ASSIGN_OR_RETURN(const std::string text, ReadSmallFile(index_path));
+  ASSIGN_OR_RETURN(const std::string text, ReadFileToString(index_path, "checkpoint index"));
   nlohmann::json index;
   try {
     index = nlohmann::json::parse(text);
@@ -161,7 +149,7 @@ absl::StatusOr<at::Tensor> ReadTensor(const SafetensorsFile& file, const Safeten
     return absl::UnimplementedError(absl::StrCat(where, ": big-endian hosts are not supported"));
   }
   absl::StatusOr<at::ScalarType> type = ToScalarType(entry.dtype);
-  if (!type.ok()) return Annotate(type.status(), absl::StrCat(where, ": "));
+  if (!type.ok()) return PrefixStatus(type.status(), absl::StrCat(where, ": "));
   const absl::Span<const uint8_t> bytes = file.Bytes(entry);
   if (entry.dtype == DType::kBool) {
     // Torch assumes bool bytes are 0 or 1; anything else is undefined behaviour in kernels.
@@ -205,7 +193,7 @@ absl::Status WriteTensors(const std::string& path,
         return absl::InvalidArgumentError(absl::StrCat(where, ": undefined tensor"));
       }
       absl::StatusOr<DType> dtype = FromScalarType(tensor.scalar_type());
-      if (!dtype.ok()) return Annotate(dtype.status(), absl::StrCat(where, ": "));
+      if (!dtype.ok()) return PrefixStatus(dtype.status(), absl::StrCat(where, ": "));
       at::Tensor cpu = tensor.to(at::kCPU).contiguous();
       host.push_back(cpu);
       views.push_back(SafetensorsTensorView{
@@ -247,8 +235,8 @@ absl::StatusOr<Checkpoint> Checkpoint::OpenDirectory(const std::string& dir) {
       absl::StatusOr<std::unique_ptr<SafetensorsFile>> file =
           SafetensorsFile::Open(JoinPath(dir, shard));
       if (!file.ok()) {
-        return Annotate(file.status(), absl::StrCat(index_path, ": shard '", shard,
-                                                    "' (for tensor '", tensor, "'): "));
+        return PrefixStatus(file.status(), absl::StrCat(index_path, ": shard '", shard,
+                                                        "' (for tensor '", tensor, "'): "));
       }
       checkpoint.files_.push_back(std::move(*file));
     }

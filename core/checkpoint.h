@@ -5,14 +5,14 @@
 // shards listed by `model.safetensors.index.json` ({"weight_map": {tensor: shard file}}).
 // Also the bridge between safetensors bytes and at::Tensor in both directions.
 
+#include <ATen/core/Tensor.h>
+
 #include <map>
 #include <memory>
 #include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 #include "absl/status/statusor.h"
 #include "core/safetensors.h"

@@ -45,6 +45,26 @@ std::optional<ProjectionKind> ProjectionFromName(absl::string_view name) {
   return std::nullopt;
 }
 
+ProjectionShape ShapeOf(const ModelConfig& c, ProjectionKind kind) {
+  // attention_bias covers q, k, v and o; qwen2's qkv_bias only q, k and v.
+  const bool qkv_bias = c.attention_bias || c.qkv_bias;
+  switch (kind) {
+    case ProjectionKind::kQ:
+      return {c.q_size(), c.hidden_size, qkv_bias};
+    case ProjectionKind::kK:
+    case ProjectionKind::kV:
+      return {c.kv_size(), c.hidden_size, qkv_bias};
+    case ProjectionKind::kO:
+      return {c.hidden_size, c.q_size(), c.attention_bias};
+    case ProjectionKind::kGate:
+    case ProjectionKind::kUp:
+      return {c.intermediate_size, c.hidden_size, c.mlp_bias};
+    case ProjectionKind::kDown:
+      return {c.hidden_size, c.intermediate_size, c.mlp_bias};
+  }
+  return {};
+}
+
 std::string ProjectionId::ModulePath() const {
   return absl::StrCat("model.layers.", layer, ".", ProjectionParent(kind), ".",
                       ProjectionName(kind));

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "absl/strings/string_view.h"
+#include "core/model_config.h"
 
 namespace moelora {
 
@@ -23,6 +24,15 @@ absl::string_view ProjectionName(ProjectionKind kind);
 // "self_attn" for q/k/v/o, "mlp" for gate/up/down.
 absl::string_view ProjectionParent(ProjectionKind kind);
 std::optional<ProjectionKind> ProjectionFromName(absl::string_view name);
+
+// A projection's weight shape [out_features, in_features], and whether it has a bias, for a
+// model config.
+struct ProjectionShape {
+  int64_t out_features = 0;
+  int64_t in_features = 0;
+  bool has_bias = false;
+};
+ProjectionShape ShapeOf(const ModelConfig& config, ProjectionKind kind);
 
 struct ProjectionId {
   int64_t layer = 0;

@@ -112,31 +112,7 @@ absl::Status Model::LoadWeights(const std::string& dir) {
                      load_norm(prefix + "post_attention_layernorm.weight"));
     for (int k = 0; k < kNumProjectionKinds; ++k) {
       const auto kind = static_cast<ProjectionKind>(k);
-      int64_t out = c.hidden_size, in = c.hidden_size;
-      bool has_bias = c.attention_bias;
-      switch (kind) {
-        case ProjectionKind::kQ:
-          out = c.q_size();
-          has_bias |= c.qkv_bias;
-          break;
-        case ProjectionKind::kK:
-        case ProjectionKind::kV:
-          out = c.kv_size();
-          has_bias |= c.qkv_bias;
-          break;
-        case ProjectionKind::kO:
-          in = c.q_size();
-          break;
-        case ProjectionKind::kGate:
-        case ProjectionKind::kUp:
-          out = c.intermediate_size;
-          has_bias = c.mlp_bias;
-          break;
-        case ProjectionKind::kDown:
-          in = c.intermediate_size;
-          has_bias = c.mlp_bias;
-          break;
-      }
+      const auto [out, in, has_bias] = ShapeOf(c, kind);
       const ProjectionId id{i, kind};
       const std::string path = id.ModulePath();
       ASSIGN_OR_RETURN(at::Tensor weight, load(path + ".weight", {out, in}));

@@ -6,6 +6,8 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/file_io.h"
+#include "core/json_fields.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -13,38 +15,7 @@ namespace moelora {
 namespace {
 
 using Json = nlohmann::json;
-
-absl::Status FieldError(absl::string_view label, absl::string_view field, absl::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat(label, ": field '", field, "' ", what));
-}
-
-// An integer field; `fallback` when absent or null, an error when required and absent.
-absl::StatusOr<int64_t> IntField(const Json& json, absl::string_view label, const char* field,
-                                 std::optional<int64_t> fallback = std::nullopt) {
-  auto it = json.find(field);
-  if (it == json.end() || it->is_null()) {
-    if (fallback.has_value()) return *fallback;
-    return FieldError(label, field, "is required");
-  }
-  if (!it->is_number_integer()) return FieldError(label, field, "must be an integer");
-  return it->get<int64_t>();
-}
-
-absl::StatusOr<double> NumberField(const Json& json, absl::string_view label, const char* field,
-                                   double fallback) {
-  auto it = json.find(field);
-  if (it == json.end() || it->is_null()) return fallback;
-  if (!it->is_number()) return FieldError(label, field, "must be a number");
-  return it->get<double>();
-}
-
-absl::StatusOr<bool> BoolField(const Json& json, absl::string_view label, const char* field,
-                               bool fallback) {
-  auto it = json.find(field);
-  if (it == json.end() || it->is_null()) return fallback;
-  if (!it->is_boolean()) return FieldError(label, field, "must be true or false");
-  return it->get<bool>();
-}
+using json_fields::FieldError;
 
 // bos/eos may be an int, a list of ints (first wins: generation stops on any, later issue) or null.
 int64_t TokenIdField(const Json& json, const char* field) {
@@ -103,11 +74,12 @@ absl::Status ParseRope(const Json& json, absl::string_view label, ModelConfig& c
     rope = &*it2;
     rope_field = "rope_scaling";
   }
-  ASSIGN_OR_RETURN(config.rope_theta, NumberField(json, label, "rope_theta", 10000.0));
+  ASSIGN_OR_RETURN(config.rope_theta, json_fields::Number(json, label, "rope_theta", 10000.0));
   if (rope == nullptr) return absl::OkStatus();
   if (!rope->is_object()) return FieldError(label, rope_field, "must be an object");
   const std::string scope = absl::StrCat(label, ": ", rope_field);
-  ASSIGN_OR_RETURN(config.rope_theta, NumberField(*rope, scope, "rope_theta", config.rope_theta));
+  ASSIGN_OR_RETURN(config.rope_theta,
+                   json_fields::Number(*rope, scope, "rope_theta", config.rope_theta));
   std::string rope_type = "default";
   for (const char* key : {"rope_type", "type"}) {
     if (auto it = rope->find(key); it != rope->end() && it->is_string()) {
@@ -118,14 +90,14 @@ absl::Status ParseRope(const Json& json, absl::string_view label, ModelConfig& c
   if (rope_type == "default") return absl::OkStatus();
   if (rope_type == "llama3") {
     Llama3RopeScaling scaling;
-    ASSIGN_OR_RETURN(scaling.factor, NumberField(*rope, scope, "factor", scaling.factor));
+    ASSIGN_OR_RETURN(scaling.factor, json_fields::Number(*rope, scope, "factor", scaling.factor));
     ASSIGN_OR_RETURN(scaling.low_freq_factor,
-                     NumberField(*rope, scope, "low_freq_factor", scaling.low_freq_factor));
-    ASSIGN_OR_RETURN(scaling.high_freq_factor,
-                     NumberField(*rope, scope, "high_freq_factor", scaling.high_freq_factor));
+                     json_fields::Number(*rope, scope, "low_freq_factor", scaling.low_freq_factor));
+    ASSIGN_OR_RETURN(scaling.high_freq_factor, json_fields::Number(*rope, scope, "high_freq_factor",
+                                                                   scaling.high_freq_factor));
     ASSIGN_OR_RETURN(scaling.original_max_position_embeddings,
-                     IntField(*rope, scope, "original_max_position_embeddings",
-                              scaling.original_max_position_embeddings));
+                     json_fields::Int(*rope, scope, "original_max_position_embeddings",
+                                      scaling.original_max_position_embeddings));
     if (!(scaling.factor > 0) || !(scaling.low_freq_factor > 0) ||
         !(scaling.high_freq_factor > scaling.low_freq_factor) ||
         scaling.original_max_position_embeddings <= 0) {
@@ -217,32 +189,33 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(absl::string_view json_text,
   ModelConfig c;
   ASSIGN_OR_RETURN(c.model_type, ParseModelType(json, label));
   const bool gemma = c.model_type == ModelType::kGemma;
-  ASSIGN_OR_RETURN(c.vocab_size, IntField(json, label, "vocab_size"));
-  ASSIGN_OR_RETURN(c.hidden_size, IntField(json, label, "hidden_size"));
-  ASSIGN_OR_RETURN(c.intermediate_size, IntField(json, label, "intermediate_size"));
-  ASSIGN_OR_RETURN(c.num_hidden_layers, IntField(json, label, "num_hidden_layers"));
-  ASSIGN_OR_RETURN(c.num_attention_heads, IntField(json, label, "num_attention_heads"));
+  ASSIGN_OR_RETURN(c.vocab_size, json_fields::Int(json, label, "vocab_size"));
+  ASSIGN_OR_RETURN(c.hidden_size, json_fields::Int(json, label, "hidden_size"));
+  ASSIGN_OR_RETURN(c.intermediate_size, json_fields::Int(json, label, "intermediate_size"));
+  ASSIGN_OR_RETURN(c.num_hidden_layers, json_fields::Int(json, label, "num_hidden_layers"));
+  ASSIGN_OR_RETURN(c.num_attention_heads, json_fields::Int(json, label, "num_attention_heads"));
   ASSIGN_OR_RETURN(c.num_key_value_heads,
-                   IntField(json, label, "num_key_value_heads", c.num_attention_heads));
+                   json_fields::Int(json, label, "num_key_value_heads", c.num_attention_heads));
   if (c.num_attention_heads <= 0) {
     return FieldError(label, "num_attention_heads", "must be positive");
   }
   // Gemma's head_dim is its own field (256 by default), not hidden / heads.
   const int64_t default_head_dim = gemma ? 256 : c.hidden_size / c.num_attention_heads;
-  ASSIGN_OR_RETURN(c.head_dim, IntField(json, label, "head_dim", default_head_dim));
+  ASSIGN_OR_RETURN(c.head_dim, json_fields::Int(json, label, "head_dim", default_head_dim));
   ASSIGN_OR_RETURN(c.max_position_embeddings,
-                   IntField(json, label, "max_position_embeddings", int64_t{4096}));
-  ASSIGN_OR_RETURN(c.rms_norm_eps, NumberField(json, label, "rms_norm_eps", 1e-6));
+                   json_fields::Int(json, label, "max_position_embeddings", int64_t{4096}));
+  ASSIGN_OR_RETURN(c.rms_norm_eps, json_fields::Number(json, label, "rms_norm_eps", 1e-6));
   RETURN_IF_ERROR(ParseRope(json, label, c));
   ASSIGN_OR_RETURN(c.activation, ParseActivation(json, c.model_type, label));
-  ASSIGN_OR_RETURN(c.tie_word_embeddings, BoolField(json, label, "tie_word_embeddings", gemma));
-  ASSIGN_OR_RETURN(c.attention_bias, BoolField(json, label, "attention_bias", false));
-  ASSIGN_OR_RETURN(c.mlp_bias, BoolField(json, label, "mlp_bias", false));
+  ASSIGN_OR_RETURN(c.tie_word_embeddings,
+                   json_fields::Bool(json, label, "tie_word_embeddings", gemma));
+  ASSIGN_OR_RETURN(c.attention_bias, json_fields::Bool(json, label, "attention_bias", false));
+  ASSIGN_OR_RETURN(c.mlp_bias, json_fields::Bool(json, label, "mlp_bias", false));
   c.qkv_bias = c.model_type == ModelType::kQwen2;
   if (c.model_type == ModelType::kMistral) {
-    ASSIGN_OR_RETURN(c.sliding_window, IntField(json, label, "sliding_window", int64_t{0}));
+    ASSIGN_OR_RETURN(c.sliding_window, json_fields::Int(json, label, "sliding_window", int64_t{0}));
   } else if (c.model_type == ModelType::kQwen2) {
-    ASSIGN_OR_RETURN(bool use_sliding, BoolField(json, label, "use_sliding_window", false));
+    ASSIGN_OR_RETURN(bool use_sliding, json_fields::Bool(json, label, "use_sliding_window", false));
     if (use_sliding) {
       return FieldError(label, "use_sliding_window",
                         "is true: qwen2's per-layer sliding window is not supported");
@@ -257,11 +230,8 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(absl::string_view json_text,
 }
 
 absl::StatusOr<ModelConfig> ModelConfig::FromFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open model config"));
-  std::stringstream text;
-  text << in.rdbuf();
-  return FromJson(text.str(), path);
+  ASSIGN_OR_RETURN(const std::string text, ReadFileToString(path, "model config"));
+  return FromJson(text, path);
 }
 
 std::string ModelConfig::ToJson() const {

@@ -79,23 +79,12 @@ absl::Status WriteRandomModel(const std::string& dir, const ModelConfig& c,
       const std::string prefix = absl::StrCat("model.layers.", i, ".");
       tensors.emplace_back(prefix + "input_layernorm.weight", norm());
       tensors.emplace_back(prefix + "post_attention_layernorm.weight", norm());
-      const std::pair<ProjectionKind, std::pair<int64_t, int64_t>> shapes[] = {
-          {ProjectionKind::kQ, {c.q_size(), c.hidden_size}},
-          {ProjectionKind::kK, {c.kv_size(), c.hidden_size}},
-          {ProjectionKind::kV, {c.kv_size(), c.hidden_size}},
-          {ProjectionKind::kO, {c.hidden_size, c.q_size()}},
-          {ProjectionKind::kGate, {c.intermediate_size, c.hidden_size}},
-          {ProjectionKind::kUp, {c.intermediate_size, c.hidden_size}},
-          {ProjectionKind::kDown, {c.hidden_size, c.intermediate_size}},
-      };
-      for (const auto& [kind, shape] : shapes) {
+      for (int k = 0; k < kNumProjectionKinds; ++k) {
+        const auto kind = static_cast<ProjectionKind>(k);
+        const auto [out, in, has_bias] = ShapeOf(c, kind);
         const std::string path = ProjectionId{i, kind}.ModulePath();
-        tensors.emplace_back(path + ".weight", normal({shape.first, shape.second}));
-        const bool attention = ProjectionParent(kind) == "self_attn";
-        const bool qkv = attention && kind != ProjectionKind::kO;
-        if ((attention && c.attention_bias) || (qkv && c.qkv_bias) || (!attention && c.mlp_bias)) {
-          tensors.emplace_back(path + ".bias", normal({shape.first}));
-        }
+        tensors.emplace_back(path + ".weight", normal({out, in}));
+        if (has_bias) tensors.emplace_back(path + ".bias", normal({out}));
       }
     }
     tensors.emplace_back("model.norm.weight", norm());

@@ -17,11 +17,15 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/checkpoint.h"
+#include "core/file_io.h"
+#include "core/json_fields.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace moelora {
 namespace {
+
+using json_fields::FieldError;
 
 using Json = nlohmann::json;
 
@@ -29,14 +33,6 @@ constexpr char kConfigFile[] = "router_config.json";
 constexpr char kWeightsFile[] = "router.safetensors";
 constexpr char kGateWeight[] = "gate.weight";
 constexpr char kGateBias[] = "gate.bias";
-
-absl::Status FieldError(absl::string_view label, absl::string_view field, absl::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat(label, ": field '", field, "' ", what));
-}
-
-absl::Status Annotate(const absl::Status& status, absl::string_view prefix) {
-  return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
-}
 
 std::string ShapeString(at::IntArrayRef shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
@@ -137,19 +133,6 @@ absl::Status CheckGateTensor(const at::Tensor& tensor, absl::string_view label,
         absl::StrCat(label, ": ", name, " holds non-finite values (NaN or infinity)"));
   }
   return absl::OkStatus();
-}
-
-absl::StatusOr<std::string> ReadSmallFile(const std::string& path, absl::string_view what) {
-  std::error_code error;
-  if (!std::filesystem::is_regular_file(path, error)) {
-    return absl::NotFoundError(absl::StrCat(path, ": ", what, " not found"));
-  }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open ", what));
-  std::ostringstream contents;
-  contents << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat(path, ": read failed"));
-  return std::move(contents).str();
 }
 
 }  // namespace
@@ -306,7 +289,7 @@ absl::StatusOr<std::shared_ptr<const Router>> Router::Load(const std::string& di
   }
   const std::string config_path = JoinPath(dir, kConfigFile);
   const std::string weights_path = JoinPath(dir, kWeightsFile);
-  ASSIGN_OR_RETURN(const std::string config_text, ReadSmallFile(config_path, "router config"));
+  ASSIGN_OR_RETURN(const std::string config_text, ReadFileToString(config_path, "router config"));
   ASSIGN_OR_RETURN(RouterConfig config, RouterConfig::FromJson(config_text, config_path));
 
   std::error_code error;
@@ -340,7 +323,7 @@ absl::StatusOr<std::shared_ptr<const Router>> Router::Load(const std::string& di
   }
   absl::StatusOr<std::shared_ptr<const Router>> router =
       Create(std::move(config), std::move(weight), std::move(bias));
-  if (!router.ok()) return Annotate(router.status(), absl::StrCat(weights_path, ": "));
+  if (!router.ok()) return PrefixStatus(router.status(), absl::StrCat(weights_path, ": "));
   return router;
 }
 

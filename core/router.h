@@ -10,13 +10,13 @@
 //    "granularity": "token" | "sequence", "top_k": 0 (dense) | k, "temperature": 1.0}
 // and router.safetensors with gate.weight [K, hidden] and gate.bias [K].
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"

@@ -44,31 +44,12 @@ absl::Status WriteRandomAdapter(const std::string& dir, const ModelConfig& base,
                     std::string(ProjectionName(id.kind))) == spec.target_modules.end()) {
         continue;
       }
-      int64_t in = base.hidden_size, out = base.hidden_size;
-      switch (id.kind) {
-        case ProjectionKind::kQ:
-          out = base.q_size();
-          break;
-        case ProjectionKind::kK:
-        case ProjectionKind::kV:
-          out = base.kv_size();
-          break;
-        case ProjectionKind::kO:
-          in = base.q_size();
-          break;
-        case ProjectionKind::kGate:
-        case ProjectionKind::kUp:
-          out = base.intermediate_size;
-          break;
-        case ProjectionKind::kDown:
-          in = base.intermediate_size;
-          break;
-      }
+      const ProjectionShape shape = ShapeOf(base, id.kind);
       const std::string prefix = "base_model.model." + id.ModulePath();
       tensors.emplace_back(prefix + ".lora_A.weight",
-                           at::normal(0.0, spec.std, {spec.r, in}, generator));
+                           at::normal(0.0, spec.std, {spec.r, shape.in_features}, generator));
       tensors.emplace_back(prefix + ".lora_B.weight",
-                           at::normal(0.0, spec.std, {out, spec.r}, generator));
+                           at::normal(0.0, spec.std, {shape.out_features, spec.r}, generator));
     }
   }
   return WriteTensors(dir + "/adapter_model.safetensors", tensors);
