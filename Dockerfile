@@ -19,4 +19,4 @@ COPY --from=build /src/build/tools/moelora-generate /usr/local/bin/moelora-gener
 RUN useradd --system --uid 10001 moelora && mkdir -p /var/lib/moelora && chown moelora /var/lib/moelora
 USER moelora
 WORKDIR /var/lib/moelora
-ENTRYPOINT ["/usr/local/bin/moelora-generate", "--default_model_dir=/var/lib/moelora/default-model"]
+ENTRYPOINT ["/usr/local/bin/moelora-generate", "--default_model_dir=/var/lib/moelora/default-model", "--show_routing"]

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "core/model_config.h"
@@ -26,6 +27,21 @@ struct RandomModelOptions {
 // Writes `dir`/config.json and the weights (created with the directory if needed).
 absl::Status WriteRandomModel(const std::string& dir, const ModelConfig& config,
                               const RandomModelOptions& options = {});
+
+struct RandomAdapterOptions {
+  int64_t r = 4;
+  double lora_alpha = 8;
+  bool use_rslora = false;
+  std::vector<std::string> target_modules = {"q_proj", "v_proj"};
+  std::vector<int64_t> layers_to_transform;  // empty: every layer
+  uint64_t seed = 0;
+  double std = 0.1;
+};
+
+// Writes a PEFT-format LoRA adapter for `base` (adapter_config.json + adapter_model.safetensors
+// with keys as PEFT saves them) with random A and B.
+absl::Status WriteRandomAdapter(const std::string& dir, const ModelConfig& base,
+                                const RandomAdapterOptions& options);
 
 }  // namespace moelora
 

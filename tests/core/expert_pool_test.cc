@@ -15,13 +15,10 @@
 #include "core/adapter.h"
 #include "core/mixture.h"
 #include "core/random_model.h"
-#include "tests/testing/random_adapter.h"
 #include "tests/testing/temp_dir.h"
 
 namespace moelora {
 namespace {
-
-using testing_support::RandomAdapterSpec;
 
 // The definition, one expert at a time: y + Σᵢ wᵢ · sᵢ · (x·Aᵢᵀ)·Bᵢᵀ.
 class NaiveDelta : public LinearDelta {
@@ -58,9 +55,9 @@ class ExpertPoolTest : public testing::Test {
   }
 
   // Writes, loads and attaches an expert; keeps the loaded adapter for the naive reference.
-  void AttachExpert(const std::string& name, const RandomAdapterSpec& spec) {
+  void AttachExpert(const std::string& name, const RandomAdapterOptions& spec) {
     const std::string dir = temp_.Join(name);
-    ASSERT_TRUE(testing_support::WriteRandomAdapter(dir, model_->config(), spec).ok());
+    ASSERT_TRUE(WriteRandomAdapter(dir, model_->config(), spec).ok());
     auto adapter = Adapter::Load(name, dir, model_->config());
     ASSERT_TRUE(adapter.ok()) << adapter.status();
     adapters_[name] = std::make_unique<Adapter>(std::move(*adapter));
@@ -104,13 +101,13 @@ class ExpertPoolTest : public testing::Test {
 };
 
 // Mixed ranks and target sets, rslora on some: experts of every shape share one pool.
-RandomAdapterSpec SpecFor(int i) {
+RandomAdapterOptions SpecFor(int i) {
   static const std::vector<std::vector<std::string>> targets = {
       {"q_proj", "v_proj"},
       {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
       {"gate_proj", "up_proj", "down_proj"},
       {"o_proj", "down_proj"}};
-  RandomAdapterSpec spec;
+  RandomAdapterOptions spec;
   spec.r = std::vector<int64_t>{2, 4, 8, 3}[i % 4];
   spec.lora_alpha = 2.0 * spec.r + i;
   spec.use_rslora = i % 3 == 1;
@@ -168,16 +165,15 @@ TEST_F(ExpertPoolTest, AttachPlacesInSlotsAndAccountsBytes) {
 }
 
 TEST_F(ExpertPoolTest, RankAboveCapacityAndFullPoolAreRefused) {
-  RandomAdapterSpec big = SpecFor(0);
+  RandomAdapterOptions big = SpecFor(0);
   big.r = 16;
-  ASSERT_TRUE(testing_support::WriteRandomAdapter(temp_.Join("big"), model_->config(), big).ok());
+  ASSERT_TRUE(WriteRandomAdapter(temp_.Join("big"), model_->config(), big).ok());
   auto attached = pool_->Attach("big", temp_.Join("big"));
   ASSERT_FALSE(attached.ok());
   EXPECT_THAT(std::string(attached.status().message()), testing::HasSubstr("max_rank 8"));
   for (int i = 0; i < 8; ++i) AttachExpert(absl::StrCat("e", i), SpecFor(i));
-  RandomAdapterSpec spec = SpecFor(0);
-  ASSERT_TRUE(
-      testing_support::WriteRandomAdapter(temp_.Join("ninth"), model_->config(), spec).ok());
+  RandomAdapterOptions spec = SpecFor(0);
+  ASSERT_TRUE(WriteRandomAdapter(temp_.Join("ninth"), model_->config(), spec).ok());
   EXPECT_EQ(pool_->Attach("ninth", temp_.Join("ninth")).status().code(),
             absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(pool_->free_slots(), 0);
@@ -215,9 +211,7 @@ TEST_F(ExpertPoolTest, AttachDetachWhileForwardsRun) {
   AttachExpert("stable", SpecFor(1));
   for (int i = 0; i < 3; ++i) {
     const std::string name = absl::StrCat("churn", i);
-    ASSERT_TRUE(
-        testing_support::WriteRandomAdapter(temp_.Join(name), model_->config(), SpecFor(i + 2))
-            .ok());
+    ASSERT_TRUE(WriteRandomAdapter(temp_.Join(name), model_->config(), SpecFor(i + 2)).ok());
     auto adapter = Adapter::Load(name, temp_.Join(name), model_->config());
     ASSERT_TRUE(adapter.ok());
     adapters_[name] = std::make_unique<Adapter>(std::move(*adapter));

@@ -10,15 +10,14 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/generation.h"
 #include "core/random_model.h"
-#include "tests/testing/random_adapter.h"
 #include "tests/testing/temp_dir.h"
 
 namespace moelora {
 namespace {
 
 using ::testing::HasSubstr;
-using testing_support::RandomAdapterSpec;
 
 std::string Message(const absl::Status& status) { return std::string(status.message()); }
 
@@ -37,14 +36,13 @@ class MixtureTest : public testing::Test {
     pool_ = std::move(*pool);
     mixture_ = std::make_unique<Mixture>(*model_, *pool_);
     for (int i = 0; i < 3; ++i) {
-      RandomAdapterSpec spec;
+      RandomAdapterOptions spec;
       spec.r = 2 + 2 * i;
       spec.target_modules = {"q_proj", "v_proj", "down_proj"};
       spec.seed = 40 + i;
       spec.std = 0.2;
       const std::string name = names_[i];
-      ASSERT_TRUE(
-          testing_support::WriteRandomAdapter(temp_.Join(name), model_->config(), spec).ok());
+      ASSERT_TRUE(WriteRandomAdapter(temp_.Join(name), model_->config(), spec).ok());
       auto info = mixture_->AttachExpert(name, temp_.Join(name));
       ASSERT_TRUE(info.ok()) << info.status();
     }
@@ -297,6 +295,35 @@ TEST_F(MixtureTest, KPassBaselineMatchesTheSinglePassForOneExpert) {
   ASSERT_TRUE(mixed.ok());
   EXPECT_EQ(mixed->sizes(), (std::vector<int64_t>{2, 128}));
   EXPECT_FALSE(mixture_->KPassLogits(batch, snapshot, at::zeros({2, 3})).ok());
+}
+
+// Greedy generation through the mixture equals the model's greedy loop with the same fused delta,
+// and reports the weights behind every generated token.
+TEST_F(MixtureTest, GreedyGenerateThroughTheMixture) {
+  const std::vector<std::vector<int64_t>> prompts = {{5, 17, 29, 2}, {8, 1}};
+  auto routed =
+      GreedyGenerate(*mixture_, prompts, 5, {.explicit_weights = {{"code", 0.6}, {"chat", 0.4}}});
+  ASSERT_TRUE(routed.ok()) << routed.status();
+  EXPECT_EQ(routed->experts, names_);
+  ASSERT_EQ(routed->routing.size(), 2u);
+  EXPECT_TRUE(at::equal(routed->routing[1], at::tensor({0.f, 0.6f, 0.4f}).repeat({5, 1})));
+  // The same weights as a fixed delta over every forward of the plain greedy loop.
+  const at::Tensor per_token = at::tensor({0.f, 0.6f, 0.4f});
+  class FixedMix : public LinearDelta {
+   public:
+    FixedMix(const ExpertPool& pool, at::Tensor row) : pool_(pool), row_(std::move(row)) {}
+    at::Tensor Apply(const ProjectionId& id, const at::Tensor& x, at::Tensor y) const override {
+      MixtureDelta delta(pool_, pool_.snapshot(), row_.repeat({x.size(0), 1}));
+      return delta.Apply(id, x, std::move(y));
+    }
+
+   private:
+    const ExpertPool& pool_;
+    at::Tensor row_;
+  } fixed(*pool_, per_token);
+  auto plain = GreedyGenerate(*model_, prompts, 5, &fixed);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(routed->tokens, *plain);
 }
 
 }  // namespace

@@ -25,7 +25,6 @@
 #include "absl/strings/str_cat.h"
 #include "core/mixture.h"
 #include "core/random_model.h"
-#include "tests/testing/random_adapter.h"
 
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda");
 ABSL_FLAG(std::string, dtype, "fp32", "fp32, bf16 or fp16");
@@ -97,14 +96,14 @@ void Prepare() {
   for (int i = 0; i < kMaxExperts; ++i) {
     const std::string expert_dir = absl::StrCat(dir, "/expert", i);
     if (!std::filesystem::exists(expert_dir + "/adapter_config.json")) {
-      testing_support::RandomAdapterSpec spec;
+      RandomAdapterOptions spec;
       spec.r = rank;
       spec.lora_alpha = 2.0 * rank;
       spec.target_modules = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                              "gate_proj", "up_proj", "down_proj"};
       spec.seed = 10 + i;
       spec.std = 0.02;
-      Check(testing_support::WriteRandomAdapter(expert_dir, config, spec));
+      Check(WriteRandomAdapter(expert_dir, config, spec));
     }
     Check(setup.mixture->AttachExpert(absl::StrCat("expert", i), expert_dir).status());
   }
