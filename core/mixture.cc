@@ -141,16 +141,19 @@ std::vector<RouterInfo> Mixture::ListRouters() const {
 }
 
 absl::Status Mixture::ValidateControls(const RoutingControls& controls) const {
-  const auto snapshot = pool_.snapshot();
-  const auto set = routers();
+  return ValidateControls(controls, *pool_.snapshot(), *routers());
+}
+
+absl::Status Mixture::ValidateControls(const RoutingControls& controls,
+                                       const ExpertSnapshot& snapshot, const RouterSet& set) const {
   for (const std::string& name : controls.masked_experts) {
-    if (snapshot->PositionOf(name) < 0) {
+    if (snapshot.PositionOf(name) < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("expert mask names '", name, "', which is not attached"));
     }
   }
   if (!controls.pinned_expert.empty()) {
-    if (snapshot->PositionOf(controls.pinned_expert) < 0) {
+    if (snapshot.PositionOf(controls.pinned_expert) < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("pinned expert '", controls.pinned_expert, "' is not attached"));
     }
@@ -163,7 +166,7 @@ absl::Status Mixture::ValidateControls(const RoutingControls& controls) const {
   }
   for (const auto& [name, weight] : controls.explicit_weights) {
     RETURN_IF_ERROR(CheckWeight(name, weight));
-    if (snapshot->PositionOf(name) < 0) {
+    if (snapshot.PositionOf(name) < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("explicit weight for '", name, "', which is not attached"));
     }
@@ -181,8 +184,8 @@ absl::Status Mixture::ValidateControls(const RoutingControls& controls) const {
           "model)");
     }
   }
-  const std::string& router_name = controls.router.empty() ? set->default_router : controls.router;
-  if (!controls.router.empty() && set->routers.count(controls.router) == 0) {
+  const std::string& router_name = controls.router.empty() ? set.default_router : controls.router;
+  if (!controls.router.empty() && set.routers.count(controls.router) == 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("no router named '", controls.router, "' is attached"));
   }
@@ -191,7 +194,7 @@ absl::Status Mixture::ValidateControls(const RoutingControls& controls) const {
       return absl::InvalidArgumentError(
           "top_k / temperature given but no router routes this request");
     }
-    const Router& router = *set->routers.at(router_name);
+    const Router& router = *set.routers.at(router_name);
     RoutingNormalization normalization;
     normalization.top_k = controls.top_k.value_or(router.config().top_k);
     normalization.temperature = controls.temperature.value_or(router.config().temperature);
@@ -247,7 +250,8 @@ absl::Status Mixture::RouteSequence(const MixtureSequence& sequence, RoutingStat
   const RoutingControls& controls = sequence.controls;
   const std::vector<int64_t>& tokens = sequence.input.tokens;
   const int64_t count = static_cast<int64_t>(tokens.size());
-  RETURN_IF_ERROR(ValidateControls(controls));
+  // Against the snapshot this forward pinned, not whatever is attached by now.
+  RETURN_IF_ERROR(ValidateControls(controls, snapshot, set));
   const std::set<std::string> masked(controls.masked_experts.begin(),
                                      controls.masked_experts.end());
   if (!controls.pinned_expert.empty()) {

@@ -122,6 +122,8 @@ class Mixture {
     std::string default_router;
   };
   std::shared_ptr<const RouterSet> routers() const;
+  absl::Status ValidateControls(const RoutingControls& controls, const ExpertSnapshot& snapshot,
+                                const RouterSet& set) const;
   void PublishRouters(std::shared_ptr<const RouterSet> routers);
   RouterInfo Describe(const RouterSet& set, const Router& router,
                       const ExpertSnapshot& experts) const;
