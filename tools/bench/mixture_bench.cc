@@ -172,20 +172,30 @@ void BM_KPass(benchmark::State& state, int k) {
 
 // One projection alone, base vs base + fused delta (n·R = 8·16 rank rows): where the fused pass
 // spends its time, shape by shape.
-void BM_Projection(benchmark::State& state, int64_t in, int64_t out, bool fused) {
+enum class ProjectionMode { kBase, kFused, kWidened };
+
+// kWidened: the candidate for issue 7 — the expand folded into the base GEMM by widening its
+// reduction: y = [x | (x·Aᵀ)⊙w] · [W | B]ᵀ, so the output is written once.
+void BM_Projection(benchmark::State& state, int64_t in, int64_t out, ProjectionMode mode) {
   Setup& s = Global();
   const auto options =
       at::TensorOptions().dtype(s.model->options().dtype).device(s.model->options().device);
   const int64_t tokens = s.tokens, rows = kMaxExperts * absl::GetFlag(FLAGS_rank);
   const at::Tensor x = at::randn({tokens, in}, options), w = at::randn({out, in}, options);
   const at::Tensor a = at::randn({rows, in}, options) * 0.01, bt = at::randn({rows, out}, options);
+  const at::Tensor widened = at::cat({w, bt.t()}, 1);  // [out, in + rows]
   const at::Tensor row_weights = at::rand({tokens, rows}, options);
   for (auto _ : state) {
-    at::Tensor y = at::linear(x, w);
-    if (fused) {
-      at::Tensor shrink = at::linear(x, a);
-      shrink.mul_(row_weights);
-      y.addmm_(shrink, bt);
+    at::Tensor y;
+    if (mode == ProjectionMode::kWidened) {
+      y = at::linear(at::cat({x, at::linear(x, a).mul_(row_weights)}, 1), widened);
+    } else {
+      y = at::linear(x, w);
+      if (mode == ProjectionMode::kFused) {
+        at::Tensor shrink = at::linear(x, a);
+        shrink.mul_(row_weights);
+        y.addmm_(shrink, bt);
+      }
     }
     benchmark::DoNotOptimize(y.sum().item<float>());
   }
@@ -216,10 +226,12 @@ int main(int argc, char** argv) {
                                                               {"o", q, hidden},
                                                               {"gate_up", hidden, intermediate},
                                                               {"down", intermediate, hidden}}) {
-    for (bool fused : {false, true}) {
-      benchmark::RegisterBenchmark(
-          absl::StrCat("projection/", label, fused ? "/fused_K=8" : "/base").c_str(),
-          moelora::BM_Projection, in, out, fused)
+    for (const auto& [mode, suffix] : std::vector<std::pair<moelora::ProjectionMode, const char*>>{
+             {moelora::ProjectionMode::kBase, "/base"},
+             {moelora::ProjectionMode::kFused, "/fused_K=8"},
+             {moelora::ProjectionMode::kWidened, "/widened_K=8"}}) {
+      benchmark::RegisterBenchmark(absl::StrCat("projection/", label, suffix).c_str(),
+                                   moelora::BM_Projection, in, out, mode)
           ->Unit(benchmark::kMicrosecond);
     }
   }
