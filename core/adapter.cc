@@ -41,15 +41,6 @@ constexpr char kWeightsFile[] = "adapter_model.safetensors";
 // base_model.model.<module path>.lora_A.weight.
 constexpr absl::string_view kKeyPrefix = "base_model.model.";
 
-// Debian's Abseil has its own string_view type, which std::string_view does not convert to.
-absl::string_view ToAbsl(std::string_view text) {
-  return absl::string_view(text.data(), text.size());
-}
-
-std::string ShapeString(const std::vector<int64_t>& shape) {
-  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
-}
-
 bool IsUnset(const Json& json, const char* field) {
   auto it = json.find(field);
   return it == json.end() || it->is_null();

@@ -27,15 +27,6 @@ constexpr char kSingleFile[] = "model.safetensors";
 // safetensors stores little-endian bytes and tensors are filled by memcpy.
 constexpr bool kLittleEndianHost = std::endian::native == std::endian::little;
 
-// Debian's Abseil has its own string_view type, which std::string_view does not convert to.
-absl::string_view ToAbsl(std::string_view text) {
-  return absl::string_view(text.data(), text.size());
-}
-
-std::string ShapeString(at::IntArrayRef shape) {
-  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
-}
-
 std::string JoinPath(const std::string& dir, std::string_view file) {
   return (std::filesystem::path(dir) / file).string();
 }
@@ -86,6 +77,10 @@ absl::StatusOr<std::map<std::string, std::string>> ParseIndex(const std::string&
 }
 
 }  // namespace
+
+std::string ShapeString(at::IntArrayRef shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
 
 absl::StatusOr<at::ScalarType> ToScalarType(DType dtype) {
   switch (dtype) {

@@ -19,6 +19,9 @@
 
 namespace moelora {
 
+// "[4, 64]": shapes as error messages print them.
+std::string ShapeString(at::IntArrayRef shape);
+
 // The at::ScalarType for a safetensors dtype; Unimplemented for types torch lacks in this build.
 absl::StatusOr<at::ScalarType> ToScalarType(DType dtype);
 absl::StatusOr<DType> FromScalarType(at::ScalarType type);

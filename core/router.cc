@@ -34,10 +34,6 @@ constexpr char kWeightsFile[] = "router.safetensors";
 constexpr char kGateWeight[] = "gate.weight";
 constexpr char kGateBias[] = "gate.bias";
 
-std::string ShapeString(at::IntArrayRef shape) {
-  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
-}
-
 std::string JoinPath(const std::string& dir, absl::string_view file) {
   return (std::filesystem::path(dir) / std::string(file)).string();
 }

@@ -35,11 +35,6 @@ constexpr char kMetadataKey[] = "__metadata__";
 constexpr size_t kMaxQuotedBytes = 200;
 constexpr size_t kMaxShapeDimsShown = 16;
 
-// Debian's Abseil has its own string_view type, which std::string_view does not convert to.
-absl::string_view ToAbsl(std::string_view text) {
-  return absl::string_view(text.data(), text.size());
-}
-
 std::string Quote(std::string_view std_text) {
   const absl::string_view text = ToAbsl(std_text);
   if (text.size() <= kMaxQuotedBytes) {

@@ -17,9 +17,15 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 
 namespace moelora {
+
+// Debian's Abseil has its own string_view type, which std::string_view does not convert to.
+inline absl::string_view ToAbsl(std::string_view text) {
+  return absl::string_view(text.data(), text.size());
+}
 
 // Element types a safetensors file may hold.
 enum class DType {
