@@ -84,7 +84,9 @@ struct GenerateEvent {
   Usage usage;
 };
 
-// Called on the compute thread: must return quickly and never block on the client.
+// Called on the compute thread: must return quickly and never block on the client. The engine
+// calls it up to and including the final event, also after Cancel: keep whatever it captures
+// alive until then (capture a shared_ptr, not a pointer to a reactor that may be gone).
 using GenerateSink = std::function<void(GenerateEvent)>;
 
 struct ScoreRequest {
@@ -167,9 +169,9 @@ class Engine {
   ~Engine();
 
   // Validates against the model and what is attached now, pins that, and queues. Errors:
-  // InvalidArgument (bad ids, empty prompt, sampling or routing values, unknown expert or
-  // router), OutOfRange (can never fit max_seq_len / max_batch_tokens), ResourceExhausted (queue
-  // full), Unavailable (shutting down). On OK, `sink` receives every event of the request.
+  // InvalidArgument (bad ids, empty prompt, sampling or routing values, a request that can
+  // never fit max_seq_len / max_batch_tokens), NotFound (an expert or router not attached),
+  // ResourceExhausted (queue full), Unavailable (shutting down). On OK, `sink` receives every event of the request.
   absl::StatusOr<std::shared_ptr<RequestHandle>> Submit(GenerateRequest request,
                                                         GenerateSink sink);
   // Scores run on the compute thread between steps, one forward each; `done` is called there.
@@ -205,11 +207,18 @@ class Engine {
                               const RoutingControls& routing) const;
   absl::Status Enqueue(std::unique_ptr<Pending> pending);
   void Loop();
-  // One step; false when there was nothing to do.
-  bool Step();
+  // One step: drop, admit, forward, sample, emit.
+  void Step();
   void RunScore(Pending& pending);
-  void Finish(Running& running, absl::Status status, FinishReason reason);
+  // Ends a request: frees its slot and sends `event` as its last one.
+  void Finish(Running& running, absl::Status status, FinishReason reason,
+              GenerateEvent event = {});
+  // Samples the next token from `logits` ([vocab]) and emits it with its routing row.
+  void EmitToken(Running& running, const at::Tensor& logits, const MixtureOutput& out,
+                 size_t index);
   void CountServed(const Running& running);
+  // Recomputes stats_ from the running requests (compute thread).
+  void PublishStats(bool step_done);
 
   const Model& model_;
   Mixture& mixture_;
@@ -234,6 +243,7 @@ class Engine {
   KvCache cache_;
   std::vector<std::unique_ptr<Running>> running_;
   std::vector<int64_t> free_slots_;
+  int64_t scores_in_hand_ = 0;  // taken from the queue this step, not yet run
 
   std::thread thread_;
 };

@@ -222,7 +222,18 @@ absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> ExpertPool::Subset(
     }
     experts.push_back(snapshot.experts()[position]);
   }
-  absl::MutexLock admin(&admin_mu_);
+  return BuildSnapshot(std::move(experts));
+}
+
+absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> ExpertPool::Union(
+    const std::vector<std::shared_ptr<const ExpertSnapshot>>& snapshots) {
+  std::vector<std::shared_ptr<const ResidentExpert>> experts;
+  std::set<const ResidentExpert*> seen;
+  for (const auto& snapshot : snapshots) {
+    for (const auto& expert : snapshot->experts()) {
+      if (seen.insert(expert.get()).second) experts.push_back(expert);
+    }
+  }
   return BuildSnapshot(std::move(experts));
 }
 
@@ -231,7 +242,7 @@ absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> ExpertPool::BuildSnapshot(
   std::sort(experts.begin(), experts.end(),
             [](const auto& a, const auto& b) { return a->info().slot < b->info().slot; });
   auto snapshot = std::make_shared<ExpertSnapshot>();
-  snapshot->version_ = next_version_++;
+  snapshot->version_ = next_version_.fetch_add(1);
   const int64_t n = static_cast<int64_t>(experts.size());
   const c10::Device device = model_.options().device;
   for (int64_t i = 0; i < n; ++i) {

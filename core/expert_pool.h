@@ -17,6 +17,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -114,6 +115,11 @@ class ExpertPool {
   // baseline. It pins those experts like any snapshot.
   absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> Subset(
       const ExpertSnapshot& snapshot, const std::vector<int64_t>& positions);
+  // A snapshot of every expert in any of `snapshots` (each resident once), for a forward whose
+  // sequences pinned different snapshots. Two residents may share a name (detached and
+  // re-attached in between): PositionOf then finds one of them; map positions by identity.
+  absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> Union(
+      const std::vector<std::shared_ptr<const ExpertSnapshot>>& snapshots);
 
   // The current snapshot; forwards hold on to it for their whole duration.
   std::shared_ptr<const ExpertSnapshot> snapshot() const;
@@ -132,8 +138,7 @@ class ExpertPool {
 
   ExpertPool(const Model& model, const ExpertPoolOptions& options);
   absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> BuildSnapshot(
-      std::vector<std::shared_ptr<const ResidentExpert>> experts)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(admin_mu_);
+      std::vector<std::shared_ptr<const ResidentExpert>> experts);
   void Publish(std::shared_ptr<const ExpertSnapshot> snapshot);
 
   const Model& model_;
@@ -144,7 +149,7 @@ class ExpertPool {
   absl::Mutex admin_mu_;  // serialises Attach / Detach
   mutable absl::Mutex snapshot_mu_;
   std::shared_ptr<const ExpertSnapshot> snapshot_ ABSL_GUARDED_BY(snapshot_mu_);
-  int64_t next_version_ ABSL_GUARDED_BY(admin_mu_) = 1;
+  std::atomic<int64_t> next_version_{1};
 };
 
 // The fused single pass: in every targeted projection

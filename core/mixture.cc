@@ -30,7 +30,7 @@ void FillColumn(at::Tensor& weights, int64_t row, int64_t count, int64_t positio
 
 }  // namespace
 
-std::shared_ptr<const Mixture::RouterSet> Mixture::routers() const {
+std::shared_ptr<const RouterSet> Mixture::routers() const {
   absl::MutexLock lock(&routers_mu_);
   return routers_;
 }
@@ -140,21 +140,34 @@ std::vector<RouterInfo> Mixture::ListRouters() const {
   return infos;
 }
 
+MixturePin Mixture::Pin() const { return {pool_.snapshot(), routers()}; }
+
 absl::Status Mixture::ValidateControls(const RoutingControls& controls) const {
-  return ValidateControls(controls, *pool_.snapshot(), *routers());
+  return ValidateControls(controls, Pin());
+}
+
+absl::Status Mixture::ValidateControls(const RoutingControls& controls,
+                                       const MixturePin& pin) const {
+  return ValidateControls(controls, *pin.experts, *pin.routers);
+}
+
+const std::string& Mixture::RouterFor(const RoutingControls& controls, const RouterSet& set) {
+  static const std::string* const kNone = new std::string();
+  if (!controls.pinned_expert.empty() || !controls.explicit_weights.empty()) return *kNone;
+  return controls.router.empty() ? set.default_router : controls.router;
 }
 
 absl::Status Mixture::ValidateControls(const RoutingControls& controls,
                                        const ExpertSnapshot& snapshot, const RouterSet& set) const {
   for (const std::string& name : controls.masked_experts) {
     if (snapshot.PositionOf(name) < 0) {
-      return absl::InvalidArgumentError(
+      return absl::NotFoundError(
           absl::StrCat("expert mask names '", name, "', which is not attached"));
     }
   }
   if (!controls.pinned_expert.empty()) {
     if (snapshot.PositionOf(controls.pinned_expert) < 0) {
-      return absl::InvalidArgumentError(
+      return absl::NotFoundError(
           absl::StrCat("pinned expert '", controls.pinned_expert, "' is not attached"));
     }
     for (const std::string& name : controls.masked_experts) {
@@ -167,7 +180,7 @@ absl::Status Mixture::ValidateControls(const RoutingControls& controls,
   for (const auto& [name, weight] : controls.explicit_weights) {
     RETURN_IF_ERROR(CheckWeight(name, weight));
     if (snapshot.PositionOf(name) < 0) {
-      return absl::InvalidArgumentError(
+      return absl::NotFoundError(
           absl::StrCat("explicit weight for '", name, "', which is not attached"));
     }
   }
@@ -186,7 +199,7 @@ absl::Status Mixture::ValidateControls(const RoutingControls& controls,
   }
   const std::string& router_name = controls.router.empty() ? set.default_router : controls.router;
   if (!controls.router.empty() && set.routers.count(controls.router) == 0) {
-    return absl::InvalidArgumentError(
+    return absl::NotFoundError(
         absl::StrCat("no router named '", controls.router, "' is attached"));
   }
   if (controls.top_k.has_value() || controls.temperature.has_value()) {
@@ -265,7 +278,7 @@ absl::Status Mixture::RouteSequence(const MixtureSequence& sequence, RoutingStat
     }
     return absl::OkStatus();
   }
-  const std::string& router_name = controls.router.empty() ? set.default_router : controls.router;
+  const std::string& router_name = RouterFor(controls, set);
   if (router_name.empty()) return absl::OkStatus();  // nothing routes: the base model
   const Router& router = *set.routers.at(router_name);
 
@@ -318,8 +331,27 @@ absl::Status Mixture::RouteSequence(const MixtureSequence& sequence, RoutingStat
 
 absl::StatusOr<MixtureOutput> Mixture::Forward(std::vector<MixtureSequence>& batch, KvCache& cache,
                                                ForwardOptions options) const {
-  const auto snapshot = pool_.snapshot();
-  const auto set = routers();
+  const MixturePin now = Pin();
+  // Each sequence routes over its own pin; the forward runs over the union of the pinned
+  // experts (usually one snapshot, so the union is that snapshot).
+  std::vector<const MixturePin*> pins;
+  std::vector<std::shared_ptr<const ExpertSnapshot>> distinct;
+  for (const MixtureSequence& sequence : batch) {
+    const MixturePin* pin = sequence.pin != nullptr ? sequence.pin : &now;
+    pins.push_back(pin);
+    bool seen = false;
+    for (const auto& snapshot : distinct) seen |= snapshot == pin->experts;
+    if (!seen) distinct.push_back(pin->experts);
+  }
+  std::shared_ptr<const ExpertSnapshot> snapshot;
+  if (distinct.size() <= 1) {
+    snapshot = distinct.empty() ? now.experts : distinct.front();
+  } else {
+    ASSIGN_OR_RETURN(snapshot, pool_.Union(distinct));
+  }
+  std::map<const ResidentExpert*, int64_t> union_position;
+  for (int64_t i = 0; i < snapshot->size(); ++i) union_position[snapshot->experts()[i].get()] = i;
+
   int64_t total_tokens = 0;
   for (const MixtureSequence& sequence : batch) {
     total_tokens += static_cast<int64_t>(sequence.input.tokens.size());
@@ -330,15 +362,26 @@ absl::StatusOr<MixtureOutput> Mixture::Forward(std::vector<MixtureSequence>& bat
   try {
     at::Tensor weights = at::zeros({total_tokens, snapshot->size()}, at::kFloat);
     int64_t row = 0;
-    for (MixtureSequence& sequence : batch) {
+    for (size_t b = 0; b < batch.size(); ++b) {
+      MixtureSequence& sequence = batch[b];
+      const MixturePin& pin = *pins[b];
+      const int64_t count = static_cast<int64_t>(sequence.input.tokens.size());
       RoutingState one_shot;
       RoutingState& state = sequence.state != nullptr ? *sequence.state : one_shot;
-      absl::Status routed = RouteSequence(sequence, state, *snapshot, *set, weights, row);
+      at::Tensor own = at::zeros({count, pin.experts->size()}, at::kFloat);
+      absl::Status routed = RouteSequence(sequence, state, *pin.experts, *pin.routers, own, 0);
       if (!routed.ok()) {
         return absl::Status(routed.code(), absl::StrCat("sequence in slot ", sequence.input.slot,
                                                         ": ", routed.message()));
       }
-      row += static_cast<int64_t>(sequence.input.tokens.size());
+      for (int64_t i = 0; i < pin.experts->size(); ++i) {
+        weights.narrow(0, row, count)
+            .select(1, union_position.at(pin.experts->experts()[i].get()))
+            .copy_(own.select(1, i));
+      }
+      output.routing.sequence_weights.push_back(own);
+      output.routing.routers.push_back(RouterFor(sequence.controls, *pin.routers));
+      row += count;
       inputs.push_back(sequence.input);
     }
     output.routing.weights = weights;

@@ -51,16 +51,37 @@ struct RoutingState {
   std::map<std::string, double> weights;  // sequence-level weights by expert name
 };
 
+// The attached routers and the default, published as one immutable set.
+struct RouterSet {
+  std::map<std::string, std::shared_ptr<const Router>> routers;
+  std::string default_router;
+};
+
+// What was attached at one moment: a request admitted then keeps routing over exactly these
+// experts and routers, whatever is attached or detached later.
+struct MixturePin {
+  std::shared_ptr<const ExpertSnapshot> experts;
+  std::shared_ptr<const RouterSet> routers;
+};
+
 struct MixtureSequence {
   SequenceInput input;
   RoutingControls controls;
-  RoutingState* state = nullptr;  // null: a one-shot forward (state kept for this call only)
+  RoutingState* state = nullptr;    // null: a one-shot forward (state kept for this call only)
+  const MixturePin* pin = nullptr;  // null: what is attached when the forward starts
 };
 
-// The weights every token of a forward used, columns in `experts` order.
+// The weights every token of a forward used.
 struct RoutingTrace {
+  // Columns of `weights`: the union of the sequences' pinned experts (a name may appear twice
+  // when an expert was detached and re-attached between two requests' pins).
   std::vector<std::string> experts;
   at::Tensor weights;  // [tokens, experts] fp32, CPU, packed like the forward's tokens
+  // Per sequence: [its tokens, its pin's experts] fp32 CPU, columns in ExpertSnapshot::Names()
+  // order of the sequence's pin.
+  std::vector<at::Tensor> sequence_weights;
+  // Per sequence: the router that routed it (empty: pinned / explicit weights / base model).
+  std::vector<std::string> routers;
 };
 
 struct MixtureOutput {
@@ -91,8 +112,12 @@ class Mixture {
   absl::Status SetDefaultRouter(const std::string& name);
   std::vector<RouterInfo> ListRouters() const;
 
-  // Checks controls against what is attached now (names, values, top_k range).
+  // What is attached now, to keep for a request's lifetime.
+  MixturePin Pin() const;
+
+  // Checks controls against what is attached now, or against a pin (names, values, top_k).
   absl::Status ValidateControls(const RoutingControls& controls) const;
+  absl::Status ValidateControls(const RoutingControls& controls, const MixturePin& pin) const;
 
   // Routes every sequence, then runs ONE forward with all experts applied (see class comment).
   absl::StatusOr<MixtureOutput> Forward(std::vector<MixtureSequence>& batch, KvCache& cache,
@@ -117,10 +142,6 @@ class Mixture {
   ExpertPool& pool() const { return pool_; }
 
  private:
-  struct RouterSet {
-    std::map<std::string, std::shared_ptr<const Router>> routers;
-    std::string default_router;
-  };
   std::shared_ptr<const RouterSet> routers() const;
   absl::Status ValidateControls(const RoutingControls& controls, const ExpertSnapshot& snapshot,
                                 const RouterSet& set) const;
@@ -132,6 +153,8 @@ class Mixture {
   absl::Status RouteSequence(const MixtureSequence& sequence, RoutingState& state,
                              const ExpertSnapshot& snapshot, const RouterSet& routers,
                              at::Tensor& weights, int64_t row) const;
+  // The router that routes `controls` under `set`, empty when none does.
+  static const std::string& RouterFor(const RoutingControls& controls, const RouterSet& set);
   absl::StatusOr<at::Tensor> RouterWeights(const Router& router, const RoutingControls& controls,
                                            const ExpertSnapshot& snapshot,
                                            const at::Tensor& features) const;
