@@ -1,6 +1,6 @@
 // Greedy generation on a Hugging Face checkpoint, straight through core, optionally with a
 // mixture of PEFT LoRA experts in one pass. With no --model_dir it uses a built-in tiny llama
-// with two experts and a router, written deterministically on first use.
+// with four experts and a router (core/demo_assets), written deterministically on first use.
 //
 //   moelora-generate --prompt=1,5,9,2 --max_new_tokens=16 --show_routing
 //   moelora-generate --model_dir=/models/llama --device=cuda --dtype=bf16 --prompt=...
@@ -13,7 +13,6 @@
 
 #include <chrono>
 #include <cstdint>
-#include <filesystem>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -26,17 +25,17 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "core/demo_assets.h"
 #include "core/generation.h"
 #include "core/mixture.h"
 #include "core/model.h"
-#include "core/random_model.h"
 #include "core/router.h"
 #include "core/status_macros.h"
 
 ABSL_FLAG(std::string, model_dir, "",
           "HF checkpoint directory (config.json + safetensors); empty = the built-in tiny model");
-ABSL_FLAG(std::string, default_model_dir, "build/default-model",
-          "where the built-in tiny model is written on first use");
+ABSL_FLAG(std::string, default_model_dir, "build/demo-assets",
+          "where the built-in demo assets are written on first use");
 ABSL_FLAG(std::string, prompt, "1,17,42,99,7",
           "comma-separated prompt token ids; ';' separates "
           "prompts of a batch");
@@ -45,7 +44,7 @@ ABSL_FLAG(std::string, device, "cpu", "cpu, cuda or cuda:N");
 ABSL_FLAG(std::string, dtype, "fp32", "fp32, bf16 or fp16");
 ABSL_FLAG(std::string, experts, "",
           "PEFT LoRA experts to attach, name=dir[,name=dir...]; with no --model_dir the built-in "
-          "'math' and 'code' experts");
+          "demo experts");
 ABSL_FLAG(std::string, router, "",
           "router directory to attach (becomes the default); with no --model_dir the built-in one");
 ABSL_FLAG(std::string, pin, "", "route every token to this expert");
@@ -72,28 +71,6 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> ParsePrompts(const std::string
   }
   if (prompts.empty()) return absl::InvalidArgumentError("--prompt: no token ids");
   return prompts;
-}
-
-// The built-in demo: two random experts of different shapes and a token-level router over them.
-absl::Status WriteBuiltinExperts(const std::string& dir, const moelora::ModelConfig& config) {
-  RETURN_IF_ERROR(moelora::WriteRandomAdapter(dir + "/experts/math", config,
-                                              {.r = 4, .lora_alpha = 8, .seed = 11, .std = 0.3}));
-  RETURN_IF_ERROR(
-      moelora::WriteRandomAdapter(dir + "/experts/code", config,
-                                  {.r = 8,
-                                   .lora_alpha = 16,
-                                   .target_modules = {"q_proj", "k_proj", "v_proj", "o_proj",
-                                                      "gate_proj", "up_proj", "down_proj"},
-                                   .seed = 12,
-                                   .std = 0.3}));
-  moelora::RouterConfig router_config;
-  router_config.name = "demo-router";
-  router_config.experts = {"math", "code"};
-  at::manual_seed(13);
-  ASSIGN_OR_RETURN(
-      auto router,
-      moelora::Router::Create(router_config, at::randn({2, config.hidden_size}), at::zeros({2})));
-  return router->Save(dir + "/routers/demo-router");
 }
 
 // "a=1,b=2" -> {{"a", "1"}, {"b", "2"}} with `separator` between name and value.
@@ -139,19 +116,17 @@ absl::Status Run() {
   std::string experts_flag = absl::GetFlag(FLAGS_experts);
   std::string router_dir = absl::GetFlag(FLAGS_router);
   if (model_dir.empty()) {
-    model_dir = absl::GetFlag(FLAGS_default_model_dir);
-    if (!std::filesystem::exists(model_dir + "/routers/demo-router/router_config.json")) {
-      std::cout << "writing the built-in tiny llama, two experts and a router to " << model_dir
-                << "\n";
-      const moelora::ModelConfig config = moelora::TinyModelConfig(moelora::ModelType::kLlama);
-      RETURN_IF_ERROR(moelora::WriteRandomModel(model_dir, config, {.seed = 7}));
-      RETURN_IF_ERROR(WriteBuiltinExperts(model_dir, config));
-    }
+    const std::string demo_dir = absl::GetFlag(FLAGS_default_model_dir);
+    RETURN_IF_ERROR(moelora::WriteDemoAssets(demo_dir));
+    model_dir = demo_dir + "/model";
     if (experts_flag.empty()) {
-      experts_flag =
-          absl::StrCat("math=", model_dir, "/experts/math,code=", model_dir, "/experts/code");
+      std::vector<std::string> pairs;
+      for (const std::string& name : moelora::DemoExpertNames()) {
+        pairs.push_back(absl::StrCat(name, "=", demo_dir, "/experts/", name));
+      }
+      experts_flag = absl::StrJoin(pairs, ",");
     }
-    if (router_dir.empty()) router_dir = model_dir + "/routers/demo-router";
+    if (router_dir.empty()) router_dir = demo_dir + "/routers/demo-router";
   }
   ASSIGN_OR_RETURN(auto prompts, ParsePrompts(absl::GetFlag(FLAGS_prompt)));
   ASSIGN_OR_RETURN(moelora::LoadOptions options, ParseLoadOptions());
