@@ -560,6 +560,7 @@ void Engine::PublishStats(bool step_done) {
 void Engine::EmitToken(Running& running, const at::Tensor& logits, const MixtureOutput& out,
                        size_t index) {
   const GenerateRequest& request = running.pending->generate;
+  const bool prefill = !running.prefilled;
   running.prefilled = true;
   absl::StatusOr<int64_t> token = running.sampler.Sample(logits);
   if (!token.ok()) {
@@ -583,7 +584,7 @@ void Engine::EmitToken(Running& running, const at::Tensor& logits, const Mixture
     observer_->OnRouting(out.routing.routers[index], names,
                          std::vector<float>(contiguous.data_ptr<float>(),
                                             contiguous.data_ptr<float>() + contiguous.numel()),
-                         weights.size(0));
+                         weights.size(0), prefill, out.routing.routing_seconds[index]);
   }
   if (request.return_routing) {
     if (!running.routing_names_sent) {

@@ -153,9 +153,13 @@ class EngineObserver {
   virtual ~EngineObserver() = default;
   // One forward: how many requests and new tokens it carried and how long it took.
   virtual void OnStep(int64_t requests, int64_t tokens, absl::Duration duration) {}
-  // The routing weights of one forward: [tokens, experts.size()] row-major, fp32.
+  // One request's routing in one forward: `weights` is [tokens, experts.size()] row-major
+  // (every new token of the step: the prompt on prefill, one token on decode); `router` is
+  // empty when the request was pinned, weighted explicitly or used the base model.
+  // `prefill` marks the request's first forward (once per request).
   virtual void OnRouting(const std::string& router, const std::vector<std::string>& experts,
-                         const std::vector<float>& weights, int64_t tokens) {}
+                         const std::vector<float>& weights, int64_t tokens, bool prefill,
+                         double routing_seconds) {}
   virtual void OnRequestFinished(const GenerateRequest& request, const GenerateEvent& last) {}
 };
 
@@ -194,6 +198,7 @@ class Engine {
   EngineStats stats() const;
   const EngineOptions& options() const { return options_; }
   const Model& model() const { return model_; }
+  const Mixture& mixture() const { return mixture_; }
   int64_t kv_cache_bytes() const;
   // Not owned; set before the first Submit.
   void set_observer(EngineObserver* observer) { observer_ = observer; }

@@ -10,6 +10,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "core/status_macros.h"
 
 namespace moelora {
@@ -369,7 +371,10 @@ absl::StatusOr<MixtureOutput> Mixture::Forward(std::vector<MixtureSequence>& bat
       RoutingState one_shot;
       RoutingState& state = sequence.state != nullptr ? *sequence.state : one_shot;
       at::Tensor own = at::zeros({count, pin.experts->size()}, at::kFloat);
+      const absl::Time routing_started = absl::Now();
       absl::Status routed = RouteSequence(sequence, state, *pin.experts, *pin.routers, own, 0);
+      output.routing.routing_seconds.push_back(
+          absl::ToDoubleSeconds(absl::Now() - routing_started));
       if (!routed.ok()) {
         return absl::Status(routed.code(), absl::StrCat("sequence in slot ", sequence.input.slot,
                                                         ": ", routed.message()));

@@ -80,8 +80,10 @@ struct RoutingTrace {
   // Per sequence: [its tokens, its pin's experts] fp32 CPU, columns in ExpertSnapshot::Names()
   // order of the sequence's pin.
   std::vector<at::Tensor> sequence_weights;
-  // Per sequence: the router that routed it (empty: pinned / explicit weights / base model).
+  // Per sequence: the router that routed it (empty: pinned / explicit weights / base model),
+  // and the wall time its routing took (router features, gate, normalisation).
   std::vector<std::string> routers;
+  std::vector<double> routing_seconds;
 };
 
 struct MixtureOutput {
