@@ -28,17 +28,25 @@ absl::Status WriteDemoAssets(const std::string& dir) {
   const RandomAdapterOptions specs[] = {
       {.r = 4, .lora_alpha = 8, .seed = 11, .std = 0.3},
       {.r = 8, .lora_alpha = 16, .target_modules = all, .seed = 12, .std = 0.3},
-      {.r = 2, .lora_alpha = 4, .target_modules = {"gate_proj", "up_proj", "down_proj"},
-       .seed = 13, .std = 0.3},
-      {.r = 6, .lora_alpha = 6, .use_rslora = true, .target_modules = {"q_proj", "o_proj"},
-       .seed = 14, .std = 0.3},
+      {.r = 2,
+       .lora_alpha = 4,
+       .target_modules = {"gate_proj", "up_proj", "down_proj"},
+       .seed = 13,
+       .std = 0.3},
+      {.r = 6,
+       .lora_alpha = 6,
+       .use_rslora = true,
+       .target_modules = {"q_proj", "o_proj"},
+       .seed = 14,
+       .std = 0.3},
   };
   const std::vector<std::string> names = DemoExpertNames();
   nlohmann::json manifest;
   manifest["experts"] = nlohmann::json::array();
   for (size_t i = 0; i < names.size(); ++i) {
-    const std::string path = absl::StrCat(dir, "/experts/", names[i]);
-    RETURN_IF_ERROR(WriteRandomAdapter(path, config, specs[i]));
+    const std::string path = absl::StrCat("experts/", names[i]);
+    RETURN_IF_ERROR(WriteRandomAdapter(absl::StrCat(dir, "/", path), config, specs[i]));
+    // Paths relative to the manifest, so the folder can move (or be mounted elsewhere).
     manifest["experts"].push_back({{"name", names[i]}, {"path", path}});
   }
   RETURN_IF_ERROR(WriteRandomAdapter(dir + "/experts/extra", config,
@@ -51,9 +59,8 @@ absl::Status WriteDemoAssets(const std::string& dir) {
   const int64_t k = static_cast<int64_t>(names.size());
   ASSIGN_OR_RETURN(auto router, Router::Create(router_config, at::randn({k, config.hidden_size}),
                                                at::zeros({k})));
-  const std::string router_path = dir + "/routers/demo-router";
-  RETURN_IF_ERROR(router->Save(router_path));
-  manifest["routers"] = {{{"path", router_path}, {"default", true}}};
+  RETURN_IF_ERROR(router->Save(dir + "/routers/demo-router"));
+  manifest["routers"] = {{{"path", "routers/demo-router"}, {"default", true}}};
 
   // Last: its presence marks a complete set.
   std::ofstream out(manifest_path);

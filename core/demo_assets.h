@@ -9,7 +9,8 @@
 //   <dir>/experts/{math,code,chat,poetry}/  PEFT adapters
 //   <dir>/experts/extra/               one more adapter, not in the manifest (for live attach)
 //   <dir>/routers/demo-router/         router_config.json + router.safetensors
-//   <dir>/manifest.json                {"experts": [...], "routers": [...]} for moelora-server
+//   <dir>/manifest.json                {"experts": [...], "routers": [...]} for moelora-server,
+//                                      paths relative to <dir>
 
 #include <string>
 #include <vector>

@@ -135,9 +135,9 @@ absl::Status Engine::ValidateCommon(const std::vector<int64_t>& tokens,
     }
   }
   if (static_cast<int64_t>(tokens.size()) > options_.max_batch_tokens) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("prompt of ", tokens.size(), " tokens exceeds max_batch_tokens ",
-                     options_.max_batch_tokens));
+    return absl::InvalidArgumentError(absl::StrCat("prompt of ", tokens.size(),
+                                                   " tokens exceeds max_batch_tokens ",
+                                                   options_.max_batch_tokens));
   }
   return absl::OkStatus();
 }
@@ -150,10 +150,10 @@ absl::StatusOr<std::shared_ptr<RequestHandle>> Engine::Submit(GenerateRequest re
   const int64_t needed =
       static_cast<int64_t>(request.prompt.size()) + request.sampling.max_new_tokens;
   if (needed > options_.max_seq_len) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "prompt (", request.prompt.size(), " tokens) + max_new_tokens (",
-        request.sampling.max_new_tokens, ") exceeds the context limit max_seq_len ",
-        options_.max_seq_len));
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt (", request.prompt.size(), " tokens) + max_new_tokens (",
+                     request.sampling.max_new_tokens, ") exceeds the context limit max_seq_len ",
+                     options_.max_seq_len));
   }
   auto pending = std::make_unique<Pending>();
   pending->pin = mixture_.Pin();
@@ -169,19 +169,17 @@ absl::StatusOr<std::shared_ptr<RequestHandle>> Engine::Submit(GenerateRequest re
 absl::StatusOr<std::shared_ptr<RequestHandle>> Engine::SubmitScore(ScoreRequest request,
                                                                    ScoreCallback done) {
   if (request.tokens.size() < 2) {
-    return absl::InvalidArgumentError(absl::StrCat("scoring needs at least 2 tokens, got ",
-                                                   request.tokens.size()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("scoring needs at least 2 tokens, got ", request.tokens.size()));
   }
   RETURN_IF_ERROR(ValidateCommon(request.tokens, request.routing));
   if (static_cast<int64_t>(request.tokens.size()) > options_.max_seq_len) {
-    return absl::InvalidArgumentError(absl::StrCat("scoring ", request.tokens.size(),
-                                                   " tokens exceeds max_seq_len ",
-                                                   options_.max_seq_len));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "scoring ", request.tokens.size(), " tokens exceeds max_seq_len ", options_.max_seq_len));
   }
   if (request.top_n < 0 || request.top_n > model_.config().vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat("top_n must be in [0, vocab size ",
-                                                   model_.config().vocab_size, "], got ",
-                                                   request.top_n));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "top_n must be in [0, vocab size ", model_.config().vocab_size, "], got ", request.top_n));
   }
   auto pending = std::make_unique<Pending>();
   pending->is_score = true;
@@ -275,13 +273,12 @@ void Engine::CountServed(const Running& running) {
 bool Engine::Drain(absl::Duration timeout) {
   absl::MutexLock lock(&mu_);
   accepting_ = false;
-  const bool done = mu_.AwaitWithTimeout(
-      absl::Condition(
-          +[](Engine* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu_) {
-            return e->queue_.empty() && e->stats_.running == 0;
-          },
-          this),
-      timeout);
+  const bool done = mu_.AwaitWithTimeout(absl::Condition(
+                                             +[](Engine* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu_) {
+                                               return e->queue_.empty() && e->stats_.running == 0;
+                                             },
+                                             this),
+                                         timeout);
   if (!done) stop_ = true;  // the compute thread ends what is left with Unavailable
   return done;
 }
@@ -294,9 +291,8 @@ void Engine::Loop() {
       absl::MutexLock lock(&mu_);
       if (running_.empty()) {
         mu_.Await(absl::Condition(
-            +[](Engine* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu_) {
-              return e->stop_ || !e->queue_.empty();
-            },
+            +[](Engine* e)
+                 ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu_) { return e->stop_ || !e->queue_.empty(); },
             this));
       }
       if (stop_) break;
@@ -340,9 +336,9 @@ void Engine::Finish(Running& running, absl::Status status, FinishReason reason,
   usage.generated_tokens = static_cast<int64_t>(running.generated.size());
   const absl::Time submitted = running.pending->submitted;
   usage.queue_time = (running.slot >= 0 ? running.admitted : now) - submitted;
-  usage.time_to_first_token =
-      running.first_token == absl::InfinitePast() ? absl::ZeroDuration()
-                                                  : running.first_token - submitted;
+  usage.time_to_first_token = running.first_token == absl::InfinitePast()
+                                  ? absl::ZeroDuration()
+                                  : running.first_token - submitted;
   usage.total_time = now - submitted;
   if (running.slot >= 0) {
     cache_.Reset(running.slot);
@@ -392,8 +388,7 @@ void Engine::RunScore(Pending& pending) {
       for (int64_t i = 0; i < n; ++i) result.routing.push_back(Row(weights, i));
     }
   } catch (const c10::Error& e) {
-    pending.score_done(
-        absl::InternalError(absl::StrCat("scoring: ", e.what_without_backtrace())));
+    pending.score_done(absl::InternalError(absl::StrCat("scoring: ", e.what_without_backtrace())));
     return;
   }
   pending.score_done(std::move(result));
@@ -595,10 +590,10 @@ void Engine::EmitToken(Running& running, const at::Tensor& logits, const Mixture
   }
   const int64_t generated = static_cast<int64_t>(running.generated.size());
   if (running.sampler.Finished(*token, generated)) {
-    const bool stopped = generated < request.sampling.max_new_tokens ||
-                         std::find(request.sampling.stop_token_ids.begin(),
-                                   request.sampling.stop_token_ids.end(),
-                                   *token) != request.sampling.stop_token_ids.end();
+    const bool stopped =
+        generated < request.sampling.max_new_tokens ||
+        std::find(request.sampling.stop_token_ids.begin(), request.sampling.stop_token_ids.end(),
+                  *token) != request.sampling.stop_token_ids.end();
     // The last token travels with the final event.
     Finish(running, absl::OkStatus(), stopped ? FinishReason::kStop : FinishReason::kLength,
            std::move(event));

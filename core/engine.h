@@ -64,9 +64,9 @@ struct GenerateRequest {
 struct Usage {
   int64_t prompt_tokens = 0;
   int64_t generated_tokens = 0;
-  absl::Duration queue_time;            // submit -> admitted
-  absl::Duration time_to_first_token;   // submit -> first token
-  absl::Duration total_time;            // submit -> finished
+  absl::Duration queue_time;           // submit -> admitted
+  absl::Duration time_to_first_token;  // submit -> first token
+  absl::Duration total_time;           // submit -> finished
 };
 
 // What a request produced in one step, or how it ended. Events of one request arrive in order,
@@ -175,9 +175,9 @@ class Engine {
   // Validates against the model and what is attached now, pins that, and queues. Errors:
   // InvalidArgument (bad ids, empty prompt, sampling or routing values, a request that can
   // never fit max_seq_len / max_batch_tokens), NotFound (an expert or router not attached),
-  // ResourceExhausted (queue full), Unavailable (shutting down). On OK, `sink` receives every event of the request.
-  absl::StatusOr<std::shared_ptr<RequestHandle>> Submit(GenerateRequest request,
-                                                        GenerateSink sink);
+  // ResourceExhausted (queue full), Unavailable (shutting down). On OK, `sink` receives every event
+  // of the request.
+  absl::StatusOr<std::shared_ptr<RequestHandle>> Submit(GenerateRequest request, GenerateSink sink);
   // Scores run on the compute thread between steps, one forward each; `done` is called there.
   absl::StatusOr<std::shared_ptr<RequestHandle>> SubmitScore(ScoreRequest request,
                                                              ScoreCallback done);
@@ -216,8 +216,7 @@ class Engine {
   void Step();
   void RunScore(Pending& pending);
   // Ends a request: frees its slot and sends `event` as its last one.
-  void Finish(Running& running, absl::Status status, FinishReason reason,
-              GenerateEvent event = {});
+  void Finish(Running& running, absl::Status status, FinishReason reason, GenerateEvent event = {});
   // Samples the next token from `logits` ([vocab]) and emits it with its routing row.
   void EmitToken(Running& running, const at::Tensor& logits, const MixtureOutput& out,
                  size_t index);

@@ -201,8 +201,7 @@ absl::Status Mixture::ValidateControls(const RoutingControls& controls,
   }
   const std::string& router_name = controls.router.empty() ? set.default_router : controls.router;
   if (!controls.router.empty() && set.routers.count(controls.router) == 0) {
-    return absl::NotFoundError(
-        absl::StrCat("no router named '", controls.router, "' is attached"));
+    return absl::NotFoundError(absl::StrCat("no router named '", controls.router, "' is attached"));
   }
   if (controls.top_k.has_value() || controls.temperature.has_value()) {
     if (router_name.empty()) {

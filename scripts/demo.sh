@@ -1,11 +1,80 @@
 #!/usr/bin/env bash
-# The demo: the built-in tiny llama with two LoRA experts and a token-level router (written on
-# first run); two prompts of different lengths in one batch through one KV cache, every expert
-# applied in the same pass, and the routing weights behind each generated token.
+# The demo: the daemon on loopback with the built-in tiny llama, four LoRA experts and a
+# token-level router (written on first run), driven by moelora-cli: a streamed generation with
+# the routing weights of every token, an expert attached and detached live, the routing lines of
+# the metrics endpoint, and a clean SIGTERM shutdown.
 set -euo pipefail
 build_dir=${1:-build}
-"$build_dir/tools/moelora-generate" \
-  --default_model_dir="$build_dir/default-model" \
-  --prompt="1,17,42,99,7;3,8,64" \
-  --max_new_tokens=8 \
-  --show_routing
+bin=$build_dir
+assets=$build_dir/demo-assets
+log=$build_dir/demo-server.log
+
+"$bin/tools/moelora-demo-assets" --dir="$assets" >/dev/null
+token_file=$assets/admin-token
+[ -s "$token_file" ] || { echo "demo-admin-token" >"$token_file"; chmod 600 "$token_file"; }
+
+# Three free loopback ports (the kernel picks them; the demo never collides with a running one).
+read -r port admin_port metrics_port < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(3)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])')
+
+cli() { "$bin/client/moelora-cli" --address="127.0.0.1:$port" \
+          --admin_address="127.0.0.1:$admin_port" --admin_token_file="$token_file" "$@"; }
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "starting moelora-server (log: $log)"
+"$bin/server/moelora-server" \
+  --model_dir="$assets/model" --manifest="$assets/manifest.json" \
+  --listen="127.0.0.1:$port" --admin_listen="127.0.0.1:$admin_port" \
+  --metrics_listen="127.0.0.1:$metrics_port" --admin_token_file="$token_file" \
+  --device=cpu --max_running_requests=8 --drain_timeout=10s 2>"$log" &
+server_pid=$!
+trap 'kill "$server_pid" 2>/dev/null || true' EXIT
+
+for _ in $(seq 1 120); do
+  if cli health --timeout=1s >/dev/null 2>&1; then break; fi
+  if ! kill -0 "$server_pid" 2>/dev/null; then cat "$log"; echo "the server exited"; exit 1; fi
+  sleep 0.5
+done
+cli health
+
+step "model, experts and routers"
+cli info
+
+step "two requests, streamed, with the routing weights behind every token"
+cli generate --prompt_ids=1,17,42,99,7 --max_new_tokens=8 --show_routing >"$build_dir/demo-a.txt" &
+first=$!
+cli generate --prompt_ids=3,8,64 --max_new_tokens=8 --temperature=0.8 --seed=7 --show_routing
+wait "$first"
+cat "$build_dir/demo-a.txt"
+
+step "attach the expert 'extra' while serving, use it, detach it"
+cli experts attach --name=extra --path="$assets/experts/extra"
+cli generate --prompt_ids=1,17,42 --max_new_tokens=4 --pin=extra
+cli experts detach --name=extra
+cli experts list
+
+step "routing metrics (http://127.0.0.1:$metrics_port/metrics)"
+python3 - "$metrics_port" <<'EOF'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
+wanted = ("moelora_expert_routing_weight_total", "moelora_expert_top1_selections_total",
+          "moelora_routing_load_imbalance", "moelora_routed_tokens_total",
+          "moelora_requests_total")
+for line in text.splitlines():
+    if line.startswith(wanted):
+        print(line)
+EOF
+
+step "SIGTERM: drain and exit"
+kill -TERM "$server_pid"
+set +e
+wait "$server_pid"
+code=$?
+set -e
+trap - EXIT
+tail -n 3 "$log"
+echo "moelora-server exited with status $code"
+exit "$code"

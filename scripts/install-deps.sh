@@ -14,6 +14,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libsentencepiece-dev
   prometheus yamllint
+  python3  # demo and end-to-end scripts (stdlib only)
 )
 
 missing=()

@@ -74,19 +74,18 @@ Metrics::Metrics(const MetricsOptions& options)
           Counters(*registry_, "moelora_generated_tokens_total", "Tokens generated.").Add({})),
       queue_depth_(
           Gauges(*registry_, "moelora_queue_depth", "Requests waiting for admission.").Add({})),
-      running_(Gauges(*registry_, "moelora_running_requests", "Requests in the running batch.")
-                   .Add({})),
-      batch_requests_(Histograms(*registry_, "moelora_batch_requests",
-                                 "Requests per forward step.")
+      running_(
+          Gauges(*registry_, "moelora_running_requests", "Requests in the running batch.").Add({})),
+      batch_requests_(Histograms(*registry_, "moelora_batch_requests", "Requests per forward step.")
                           .Add({}, Exponential(1, 2, 9))),
       batch_tokens_(Histograms(*registry_, "moelora_batch_tokens", "New tokens per forward step.")
                         .Add({}, Exponential(1, 4, 9))),
       step_duration_(Histograms(*registry_, "moelora_step_duration_seconds",
                                 "Wall time of one forward step (routing included).")
                          .Add({}, Exponential(1e-4, 2, 16))),
-      kv_tokens_used_(Gauges(*registry_, "moelora_kv_cache_used_tokens",
-                             "Tokens held in the KV cache now.")
-                          .Add({})),
+      kv_tokens_used_(
+          Gauges(*registry_, "moelora_kv_cache_used_tokens", "Tokens held in the KV cache now.")
+              .Add({})),
       kv_tokens_reserved_(Gauges(*registry_, "moelora_kv_cache_reserved_tokens",
                                  "Prompt + max_new_tokens of the running requests.")
                               .Add({})),
@@ -105,9 +104,8 @@ Metrics::Metrics(const MetricsOptions& options)
                             "Tokens on which the expert had the largest routing weight.")),
       routing_entropy_(Histograms(*registry_, "moelora_routing_entropy_nats",
                                   "Entropy of each routed token's weights (normalised), nats.")
-                           .Add({}, Histogram::BucketBoundaries{0.01, 0.05, 0.1, 0.25, 0.5,
-                                                                0.75, 1.0, 1.5, 2.0, 2.5, 3.0,
-                                                                4.0})),
+                           .Add({}, Histogram::BucketBoundaries{0.01, 0.05, 0.1, 0.25, 0.5, 0.75,
+                                                                1.0, 1.5, 2.0, 2.5, 3.0, 4.0})),
       routed_tokens_(Counters(*registry_, "moelora_routed_tokens_total",
                               "Tokens routed, by router ('none': pinned, explicit weights or "
                               "base model).")),
@@ -118,8 +116,7 @@ Metrics::Metrics(const MetricsOptions& options)
       load_imbalance_(Gauges(*registry_, "moelora_routing_load_imbalance",
                              "Largest expert share of routing weight over the trailing window, "
                              "divided by the uniform share (1 = even, K = collapsed).")),
-      pool_slots_(
-          Gauges(*registry_, "moelora_expert_pool_slots", "Expert pool slots, by state.")),
+      pool_slots_(Gauges(*registry_, "moelora_expert_pool_slots", "Expert pool slots, by state.")),
       expert_bytes_(Gauges(*registry_, "moelora_expert_device_bytes",
                            "Device bytes of an attached expert's A and B.")),
       attaches_(Counters(*registry_, "moelora_expert_attaches_total",

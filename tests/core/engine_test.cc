@@ -98,8 +98,8 @@ class EngineTest : public testing::Test {
     config.name = "router";
     config.experts = names_;
     at::manual_seed(5);
-    auto router = Router::Create(config, at::randn({3, model_->config().hidden_size}),
-                                 at::randn({3}) * 0.1);
+    auto router =
+        Router::Create(config, at::randn({3, model_->config().hidden_size}), at::randn({3}) * 0.1);
     ASSERT_TRUE(router.ok());
     ASSERT_TRUE(mixture_->AttachRouter(*router, false).ok());
   }
@@ -227,8 +227,8 @@ TEST_F(EngineTest, BadRequestsAreRefusedWithClearMessages) {
       {Request({1}, 0), absl::StatusCode::kInvalidArgument, "max_new_tokens"},
       {Request({1}, 4, {.explicit_weights = {{"math", std::nan("")}}}),
        absl::StatusCode::kInvalidArgument, "finite"},
-      {Request({1}, 4, {.explicit_weights = {{"math", -0.5}}}),
-       absl::StatusCode::kInvalidArgument, ">= 0"},
+      {Request({1}, 4, {.explicit_weights = {{"math", -0.5}}}), absl::StatusCode::kInvalidArgument,
+       ">= 0"},
       {Request({1}, 4, {.pinned_expert = "poetry"}), absl::StatusCode::kNotFound, "'poetry'"},
       {Request({1}, 4, {.router = "nope"}), absl::StatusCode::kNotFound, "'nope'"},
       {Request({1}, 4, {.top_k = 5}), absl::StatusCode::kInvalidArgument, "top_k"},
@@ -404,7 +404,8 @@ TEST_F(EngineTest, ScoreMatchesTheForwardsLogSoftmax) {
 TEST_F(EngineTest, AdminListsExpertsWithServedCounts) {
   StartEngine();
   Collector collector;
-  ASSERT_TRUE(engine_->Submit(Request({1, 2}, 2, {.pinned_expert = "code"}), collector.Sink()).ok());
+  ASSERT_TRUE(
+      engine_->Submit(Request({1, 2}, 2, {.pinned_expert = "code"}), collector.Sink()).ok());
   ASSERT_TRUE(collector.Wait().status.ok());
   const std::vector<ExpertStatus> experts = engine_->ListExperts();
   ASSERT_EQ(experts.size(), 3u);
@@ -429,9 +430,9 @@ TEST_F(EngineTest, DrainFinishesInFlightWorkAndRefusesNewRequests) {
   std::vector<std::unique_ptr<Collector>> collectors;
   for (int i = 0; i < 6; ++i) {
     collectors.push_back(std::make_unique<Collector>());
-    ASSERT_TRUE(engine_->Submit(Request({1, 2, static_cast<int64_t>(i)}, 10),
-                                collectors.back()->Sink())
-                    .ok());
+    ASSERT_TRUE(
+        engine_->Submit(Request({1, 2, static_cast<int64_t>(i)}, 10), collectors.back()->Sink())
+            .ok());
   }
   EXPECT_TRUE(engine_->Drain(absl::Seconds(30)));
   for (auto& collector : collectors) {

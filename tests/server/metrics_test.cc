@@ -2,12 +2,17 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <map>
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "prometheus/text_serializer.h"
+#include "server/metrics_http.h"
 
 namespace moelora {
 namespace {
@@ -98,6 +103,44 @@ TEST(MetricsTest, RequestsAndAdmin) {
   // The exposition is well formed text.
   const std::string text = prometheus::TextSerializer().Serialize(metrics.Collect());
   EXPECT_THAT(text, testing::HasSubstr("# TYPE moelora_requests_total counter"));
+}
+
+// One HTTP exchange with 127.0.0.1:port; returns the whole response.
+std::string HttpGet(int port, const std::string& request_line) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+  const std::string request = request_line + "\r\nHost: x\r\n\r\n";
+  EXPECT_EQ(send(fd, request.data(), request.size(), 0), static_cast<ssize_t>(request.size()));
+  std::string response;
+  char buffer[4096];
+  for (ssize_t n; (n = recv(fd, buffer, sizeof(buffer), 0)) > 0;) response.append(buffer, n);
+  close(fd);
+  return response;
+}
+
+TEST(MetricsHttpServerTest, ServesTheExpositionAtSlashMetricsOnly) {
+  auto metrics = std::make_shared<Metrics>();
+  metrics->RecordRpc("Score", "OK");
+  auto server = MetricsHttpServer::Start("127.0.0.1:0", metrics);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_GT((*server)->port(), 0);
+  const std::string ok = HttpGet((*server)->port(), "GET /metrics HTTP/1.1");
+  EXPECT_THAT(ok, testing::StartsWith("HTTP/1.1 200 OK\r\n"));
+  EXPECT_THAT(ok, testing::HasSubstr("text/plain; version=0.0.4"));
+  EXPECT_THAT(ok, testing::HasSubstr("moelora_requests_total{code=\"OK\",rpc=\"Score\"} 1"));
+  EXPECT_THAT(HttpGet((*server)->port(), "GET /other HTTP/1.1"),
+              testing::StartsWith("HTTP/1.1 404"));
+  EXPECT_THAT(HttpGet((*server)->port(), "POST /metrics HTTP/1.1"),
+              testing::StartsWith("HTTP/1.1 405"));
+  // The port is taken: a second server on it fails with a clear message.
+  auto taken = MetricsHttpServer::Start(absl::StrCat("127.0.0.1:", (*server)->port()), metrics);
+  ASSERT_FALSE(taken.ok());
+  EXPECT_THAT(std::string(taken.status().message()), testing::HasSubstr("cannot listen"));
+  EXPECT_FALSE(MetricsHttpServer::Start("no-port", metrics).ok());
 }
 
 }  // namespace
