@@ -90,23 +90,26 @@ COPY tools/ tools/
 RUN cmake -S /src -B /build -DCMAKE_BUILD_TYPE="$CMAKE_BUILD_TYPE" -DMOELORA_BUILD_TESTS=OFF \
       -DCMAKE_PREFIX_PATH=/opt/libtorch \
  && cmake --build /build -j "$(nproc)" \
-      --target moelora-server moelora-cli moelora-demo-assets
+      --target moelora-server moelora-cli moelora-demo-assets moelora_sentencepiece
 
 # The three binaries, and every shared library they load that the runtime base image lacks.
 COPY deploy/docker/collect-runtime-libs.sh deploy/docker/entrypoint.sh \
      deploy/docker/healthcheck.sh /tmp/docker/
+# libmoelora_sentencepiece.so is loaded with dlmopen() by name (core/sentencepiece_shim.h),
+# so ldd cannot see it: copied explicitly, and its own libraries collected with the rest.
 RUN set -eu; \
     mkdir -p /opt/moelora/bin /opt/moelora/lib; \
     cp /build/server/moelora-server /build/client/moelora-cli \
        /build/tools/moelora-demo-assets /opt/moelora/bin/; \
     strip --strip-unneeded /opt/moelora/bin/*; \
+    install -m 0644 /build/core/libmoelora_sentencepiece.so /opt/moelora/lib/; \
     install -m 0755 /tmp/docker/entrypoint.sh /opt/moelora/bin/moelora-entrypoint; \
     install -m 0755 /tmp/docker/healthcheck.sh /opt/moelora/bin/moelora-healthcheck; \
     extra=""; \
     if [ -d /opt/libtorch/lib ]; then extra=/opt/libtorch/lib; fi; \
     bash /tmp/docker/collect-runtime-libs.sh /opt/moelora/lib "$extra" \
       /opt/moelora/bin/moelora-server /opt/moelora/bin/moelora-cli \
-      /opt/moelora/bin/moelora-demo-assets
+      /opt/moelora/bin/moelora-demo-assets /opt/moelora/lib/libmoelora_sentencepiece.so
 
 # ---------------------------------------------------------------------------------------------
 FROM ${RUNTIME_IMAGE} AS runtime

@@ -1,20 +1,32 @@
 #include "core/tokenizer.h"
 
+#include <dlfcn.h>
 #include <sys/stat.h>
 
+#include <cstdlib>
+#include <type_traits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
-
-// SentencePiece 0.1.97's header declares `namespace absl { using std::string_view; }`, which
-// makes `absl::string_view` ambiguous next to Abseil's own class. Renaming that namespace for the
-// include keeps both usable: SentencePiece's signatures still take std::string_view.
-#define absl moelora_sentencepiece_absl
-#include <sentencepiece_processor.h>
-#undef absl
+#include "core/sentencepiece_shim.h"
+#include "core/status_macros.h"
 
 namespace moelora {
+
+// The shim's entry points, resolved once.
+struct Tokenizer::Shim {
+  decltype(&moelora_spm_load) load;
+  decltype(&moelora_spm_destroy) destroy;
+  decltype(&moelora_spm_encode) encode;
+  decltype(&moelora_spm_decode) decode;
+  decltype(&moelora_spm_vocab_size) vocab_size;
+  decltype(&moelora_spm_bos_id) bos_id;
+  decltype(&moelora_spm_eos_id) eos_id;
+  decltype(&moelora_spm_train) train;
+  decltype(&moelora_spm_free) free;
+};
+
 namespace {
 
 bool IsDirectory(const std::string& path) {
@@ -27,7 +39,74 @@ bool IsRegularFile(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
 }
 
+// Takes ownership of a message the shim malloc'ed.
+std::string TakeMessage(const Tokenizer::Shim& shim, char* message) {
+  std::string text = message != nullptr ? message : "unknown error";
+  shim.free(message);
+  return text;
+}
+
+absl::StatusOr<const Tokenizer::Shim*> LoadShim() {
+  static const absl::StatusOr<const Tokenizer::Shim*>* const shim =
+      new absl::StatusOr<const Tokenizer::Shim*>([]() -> absl::StatusOr<const Tokenizer::Shim*> {
+        std::vector<std::string> candidates;
+        if (const char* env = std::getenv("MOELORA_SENTENCEPIECE_SHIM"); env != nullptr) {
+          candidates.push_back(env);
+        }
+        candidates.push_back("libmoelora_sentencepiece.so");
+#ifdef MOELORA_SENTENCEPIECE_SHIM_PATH
+        candidates.push_back(MOELORA_SENTENCEPIECE_SHIM_PATH);
+#endif
+        std::string errors;
+        for (const std::string& candidate : candidates) {
+          // A link-map namespace of its own: SentencePiece's bundled protobuf (and its own
+          // libstdc++ instance) never meet the process's libprotobuf. RTLD_DEEPBIND is not
+          // enough: the shim's iostreams would bind to libstdc++'s uninitialised originals of
+          // objects the executable copy-relocated.
+          void* library = dlmopen(LM_ID_NEWLM, candidate.c_str(), RTLD_NOW | RTLD_LOCAL);
+          if (library == nullptr) {
+            absl::StrAppend(&errors, "; ", dlerror());
+            continue;
+          }
+          auto* loaded = new Tokenizer::Shim;
+          bool complete = true;
+          const auto resolve = [&](auto& function, const char* name) {
+            function =
+                reinterpret_cast<std::remove_reference_t<decltype(function)>>(dlsym(library, name));
+            complete &= function != nullptr;
+          };
+          resolve(loaded->load, "moelora_spm_load");
+          resolve(loaded->destroy, "moelora_spm_destroy");
+          resolve(loaded->encode, "moelora_spm_encode");
+          resolve(loaded->decode, "moelora_spm_decode");
+          resolve(loaded->vocab_size, "moelora_spm_vocab_size");
+          resolve(loaded->bos_id, "moelora_spm_bos_id");
+          resolve(loaded->eos_id, "moelora_spm_eos_id");
+          resolve(loaded->train, "moelora_spm_train");
+          resolve(loaded->free, "moelora_spm_free");
+          if (complete) return loaded;
+          delete loaded;
+          absl::StrAppend(&errors, "; ", candidate, " lacks the moelora_spm_* functions");
+        }
+        return absl::FailedPreconditionError(
+            absl::StrCat("tokenizer: cannot load libmoelora_sentencepiece.so (set "
+                         "MOELORA_SENTENCEPIECE_SHIM to its path)",
+                         errors));
+      }());
+  return *shim;
+}
+
 }  // namespace
+
+absl::Status Tokenizer::Train(const std::string& flags) {
+  ASSIGN_OR_RETURN(const Shim* shim, LoadShim());
+  char* error = nullptr;
+  if (shim->train(flags.c_str(), &error) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tokenizer: training failed: ", TakeMessage(*shim, error)));
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& model_path) {
   std::string file = model_path;
@@ -41,62 +120,66 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& mo
   } else if (!IsRegularFile(file)) {
     return absl::NotFoundError(absl::StrCat("tokenizer: no such file: ", model_path));
   }
-  auto processor = std::make_unique<sentencepiece::SentencePieceProcessor>();
-  const sentencepiece::util::Status status = processor->Load(file);
-  if (!status.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("tokenizer: ", file, " is not a SentencePiece model: ", status.ToString()));
+  ASSIGN_OR_RETURN(const Shim* shim, LoadShim());
+  char* error = nullptr;
+  void* processor = shim->load(file.c_str(), &error);
+  if (processor == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tokenizer: ", file, " is not a SentencePiece model: ", TakeMessage(*shim, error)));
   }
-  if (processor->GetPieceSize() <= 0) {
+  std::unique_ptr<Tokenizer> tokenizer(new Tokenizer(shim, processor, std::move(file)));
+  if (tokenizer->vocab_size() <= 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("tokenizer: ", file, " has an empty vocabulary"));
+        absl::StrCat("tokenizer: ", tokenizer->path(), " has an empty vocabulary"));
   }
-  return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(processor), std::move(file)));
+  return tokenizer;
 }
 
-Tokenizer::Tokenizer(std::unique_ptr<sentencepiece::SentencePieceProcessor> processor,
-                     std::string path)
-    : processor_(std::move(processor)), path_(std::move(path)) {}
+Tokenizer::Tokenizer(const Shim* shim, void* processor, std::string path)
+    : shim_(shim), processor_(processor), path_(std::move(path)) {}
 
-Tokenizer::~Tokenizer() = default;
+Tokenizer::~Tokenizer() { shim_->destroy(processor_); }
 
 absl::StatusOr<std::vector<int64_t>> Tokenizer::Encode(absl::string_view text, bool add_bos) const {
-  std::vector<int> pieces;
-  const sentencepiece::util::Status status =
-      processor_->Encode(std::string_view(text.data(), text.size()), &pieces);
-  if (!status.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("tokenizer: encode: ", status.ToString()));
+  int64_t* pieces = nullptr;
+  int64_t count = 0;
+  char* error = nullptr;
+  if (shim_->encode(processor_, text.data(), static_cast<int64_t>(text.size()), &pieces, &count,
+                    &error) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tokenizer: encode: ", TakeMessage(*shim_, error)));
   }
   std::vector<int64_t> ids;
-  ids.reserve(pieces.size() + 1);
+  ids.reserve(count + 1);
   if (add_bos && bos_id() >= 0) ids.push_back(bos_id());
-  ids.insert(ids.end(), pieces.begin(), pieces.end());
+  ids.insert(ids.end(), pieces, pieces + count);
+  shim_->free(pieces);
   return ids;
 }
 
 absl::StatusOr<std::string> Tokenizer::Decode(const std::vector<int64_t>& ids) const {
   const int64_t vocab = vocab_size();
-  std::vector<int> pieces;
-  pieces.reserve(ids.size());
   for (size_t i = 0; i < ids.size(); ++i) {
     if (ids[i] < 0 || ids[i] >= vocab) {
       return absl::InvalidArgumentError(
           absl::StrCat("tokenizer: token id ", ids[i], " at position ", i,
                        " is outside the vocabulary [0, ", vocab, ")"));
     }
-    pieces.push_back(static_cast<int>(ids[i]));
   }
-  std::string text;
-  const sentencepiece::util::Status status = processor_->Decode(pieces, &text);
-  if (!status.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("tokenizer: decode: ", status.ToString()));
+  char* text = nullptr;
+  char* error = nullptr;
+  if (shim_->decode(processor_, ids.data(), static_cast<int64_t>(ids.size()), &text, &error) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tokenizer: decode: ", TakeMessage(*shim_, error)));
   }
-  return text;
+  std::string decoded = text;
+  shim_->free(text);
+  return decoded;
 }
 
-int64_t Tokenizer::vocab_size() const { return processor_->GetPieceSize(); }
-int64_t Tokenizer::bos_id() const { return processor_->bos_id(); }
-int64_t Tokenizer::eos_id() const { return processor_->eos_id(); }
+int64_t Tokenizer::vocab_size() const { return shim_->vocab_size(processor_); }
+int64_t Tokenizer::bos_id() const { return shim_->bos_id(processor_); }
+int64_t Tokenizer::eos_id() const { return shim_->eos_id(processor_); }
 
 size_t UnstableUtf8TailLength(absl::string_view text) {
   size_t end = text.size();

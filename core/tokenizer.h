@@ -3,6 +3,11 @@
 
 // Text <-> token ids through a SentencePiece model (the `tokenizer.model` that Llama, Mistral and
 // Gemma checkpoints ship). No torch here: library target `moelora_tokenizer`.
+//
+// SentencePiece itself is reached through libmoelora_sentencepiece.so, loaded on first use into a
+// namespace of its own
+// (core/sentencepiece_shim.h says why). It is looked for at $MOELORA_SENTENCEPIECE_SHIM, then
+// by name on the library path, then where the build put it.
 
 #include <cstdint>
 #include <memory>
@@ -12,10 +17,6 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-
-namespace sentencepiece {
-class SentencePieceProcessor;
-}  // namespace sentencepiece
 
 namespace moelora {
 
@@ -29,6 +30,10 @@ class Tokenizer {
   Tokenizer(const Tokenizer&) = delete;
   Tokenizer& operator=(const Tokenizer&) = delete;
 
+  // Trains a SentencePiece model (SentencePieceTrainer flags, e.g. "--input=... --model_prefix=...
+  // --vocab_size=..."); for tests and tools.
+  static absl::Status Train(const std::string& flags);
+
   // Thread-safe (SentencePieceProcessor's encode and decode are const).
   absl::StatusOr<std::vector<int64_t>> Encode(absl::string_view text, bool add_bos) const;
   // InvalidArgument for an id outside [0, vocab_size()).
@@ -41,10 +46,14 @@ class Tokenizer {
   // The file it was loaded from.
   const std::string& path() const { return path_; }
 
- private:
-  Tokenizer(std::unique_ptr<sentencepiece::SentencePieceProcessor> processor, std::string path);
+  // The loaded shim's entry points (opaque; defined in tokenizer.cc).
+  struct Shim;
 
-  std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_;
+ private:
+  Tokenizer(const Shim* shim, void* processor, std::string path);
+
+  const Shim* shim_;
+  void* processor_;  // owned; freed through the shim
   std::string path_;
 };
 

@@ -30,6 +30,7 @@
 #include "core/file_io.h"
 #include "core/status_macros.h"
 #include "server/request_log.h"
+#include "server/sentencepiece_codec.h"
 #include "server/server.h"
 
 ABSL_FLAG(std::string, model_dir, "", "HF checkpoint directory (config.json + safetensors)");
@@ -63,6 +64,10 @@ ABSL_FLAG(std::string, tls_key_file, "", "PEM server private key");
 ABSL_FLAG(std::string, tls_client_ca_file, "",
           "PEM CA bundle: require and verify client certificates (mutual TLS)");
 ABSL_FLAG(int64_t, max_message_bytes, 16 << 20, "largest message received or sent");
+ABSL_FLAG(std::string, tokenizer, "auto",
+          "SentencePiece tokenizer.model for text requests: a file or directory; auto: "
+          "<model_dir>/tokenizer.model when present; none: token ids only");
+ABSL_FLAG(bool, add_bos, true, "prepend the tokenizer's BOS id to text prompts");
 ABSL_FLAG(bool, log_requests, true, "one stderr line per finished request and admin call");
 
 namespace {
@@ -159,6 +164,18 @@ absl::StatusOr<moelora::server::ServerOptions> OptionsFromFlags() {
                  .key_file = absl::GetFlag(FLAGS_tls_key_file),
                  .client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file)};
   options.log_requests = absl::GetFlag(FLAGS_log_requests);
+
+  std::string tokenizer = absl::GetFlag(FLAGS_tokenizer);
+  if (tokenizer == "auto") {
+    const std::string candidate = options.model_dir + "/tokenizer.model";
+    tokenizer = access(candidate.c_str(), R_OK) == 0 ? candidate : "none";
+  }
+  if (tokenizer != "none") {
+    absl::StatusOr<std::shared_ptr<const moelora::server::TextCodec>> codec =
+        moelora::server::LoadSentencePieceCodec(tokenizer, absl::GetFlag(FLAGS_add_bos));
+    if (!codec.ok()) return moelora::PrefixStatus(codec.status(), "--tokenizer: ");
+    options.codec = *std::move(codec);
+  }
   return options;
 }
 

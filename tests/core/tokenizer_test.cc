@@ -10,11 +10,6 @@
 #include "gtest/gtest.h"
 #include "tests/testing/temp_dir.h"
 
-// See core/tokenizer.cc: SentencePiece's header aliases `absl::string_view` to std::string_view.
-#define absl moelora_sentencepiece_absl
-#include <sentencepiece_trainer.h>
-#undef absl
-
 namespace moelora {
 namespace {
 
@@ -40,11 +35,11 @@ class TokenizerTest : public ::testing::Test {
       for (int i = 0; i < 20; ++i) out << kCorpus;
     }
     const std::string prefix = dir_->Join("tiny");
-    const auto status = sentencepiece::SentencePieceTrainer::Train(absl::StrCat(
+    const auto status = Tokenizer::Train(absl::StrCat(
         "--input=", corpus, " --model_prefix=", prefix,
         " --vocab_size=340 --model_type=bpe --character_coverage=1.0 --byte_fallback=true"
         " --num_threads=1 --minloglevel=2"));
-    ASSERT_TRUE(status.ok()) << status.ToString();
+    ASSERT_TRUE(status.ok()) << status;
     model_path_ = new std::string(prefix + ".model");
   }
   static void TearDownTestSuite() {
