@@ -5,6 +5,7 @@
 # the metrics endpoint, and a clean SIGTERM shutdown.
 set -euo pipefail
 build_dir=${1:-build}
+device=${MOELORA_DEMO_DEVICE:-cpu}   # cuda on a GPU machine (scripts/gpu-check.sh)
 bin=$build_dir
 assets=$build_dir/demo-assets
 log=$build_dir/demo-server.log
@@ -29,7 +30,7 @@ step "starting moelora-server (log: $log)"
   --model_dir="$assets/model" --manifest="$assets/manifest.json" \
   --listen="127.0.0.1:$port" --admin_listen="127.0.0.1:$admin_port" \
   --metrics_listen="127.0.0.1:$metrics_port" --admin_token_file="$token_file" \
-  --device=cpu --max_running_requests=8 --drain_timeout=10s 2>"$log" &
+  --device="$device" --max_running_requests=8 --drain_timeout=10s 2>"$log" &
 server_pid=$!
 trap 'kill "$server_pid" 2>/dev/null || true' EXIT
 

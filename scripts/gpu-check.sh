@@ -21,6 +21,13 @@ ctest_rc=$?
 tail -5 "$log_dir/gpu-ctest.log"
 ./build-gpu/tests/core/golden_test --gtest_filter='*cuda*' 2>&1 | grep -E '^\[ +(OK|FAILED|SKIPPED|PASSED) ' \
   | tee "$log_dir/gpu-golden.log" | tail -60
-./build-gpu/tools/moelora-generate --default_model_dir=build-gpu/default-model --device=cuda \
-  --dtype=bf16 --prompt="1,17,42,99,7;3,8,64" --max_new_tokens=12 2>&1 | tee "$log_dir/gpu-demo.log"
-exit $ctest_rc
+# The daemon on CUDA (bf16): the whole `make demo` script.
+MOELORA_DEMO_DEVICE=cuda bash scripts/demo.sh build-gpu > "$log_dir/gpu-demo.log" 2>&1
+demo_rc=$?
+tail -25 "$log_dir/gpu-demo.log"
+# Continuous batching on CUDA (fp32): 16 concurrent clients get what each gets alone.
+bash scripts/gpu-concurrency-check.sh build-gpu > "$log_dir/gpu-concurrency.log" 2>&1
+concurrency_rc=$?
+tail -5 "$log_dir/gpu-concurrency.log"
+echo "ctest=$ctest_rc demo=$demo_rc concurrency=$concurrency_rc"
+[ $ctest_rc -eq 0 ] && [ $demo_rc -eq 0 ] && [ $concurrency_rc -eq 0 ]
