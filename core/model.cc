@@ -14,6 +14,36 @@
 #include "core/status_macros.h"
 
 namespace moelora {
+
+absl::StatusOr<LoadOptions> ParseLoadOptions(const std::string& device, const std::string& dtype) {
+  LoadOptions options;
+  if (device == "auto") {
+    options.device = at::hasCUDA() ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
+  } else {
+    try {
+      options.device = c10::Device(device);
+    } catch (const c10::Error& e) {
+      return absl::InvalidArgumentError(absl::StrCat("device '", device, "' is not a device"));
+    }
+    if (options.device.is_cuda() && !at::hasCUDA()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("device '", device, "': this build or machine has no CUDA"));
+    }
+  }
+  if (dtype == "auto") {
+    options.dtype = options.device.is_cuda() ? at::kBFloat16 : at::kFloat;
+  } else if (dtype == "fp32") {
+    options.dtype = at::kFloat;
+  } else if (dtype == "bf16") {
+    options.dtype = at::kBFloat16;
+  } else if (dtype == "fp16") {
+    options.dtype = at::kHalf;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dtype '", dtype, "': expected auto, fp32, bf16 or fp16"));
+  }
+  return options;
+}
 namespace {
 
 at::Tensor LongTensor(const std::vector<int64_t>& values, c10::Device device) {

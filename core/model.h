@@ -30,6 +30,11 @@ struct LoadOptions {
   at::ScalarType dtype = at::kFloat;
 };
 
+// "auto" | "cpu" | "cuda" | "cuda:N" and "auto" | "fp32" | "bf16" | "fp16" (what the tools' and the
+// server's --device / --dtype flags take): auto is CUDA when this build and machine have it,
+// else the CPU; and bf16 on CUDA, fp32 on the CPU. InvalidArgument names the bad value.
+absl::StatusOr<LoadOptions> ParseLoadOptions(const std::string& device, const std::string& dtype);
+
 // Keys and values of every layer for `num_slots` sequences of up to `max_seq_len` tokens.
 // A sequence owns a slot from its first token to its end; the cache records how many tokens each
 // slot holds. Layout per layer: [slots, max_seq_len, kv_heads, head_dim].

@@ -4,9 +4,6 @@
 //   moelora-server --model_dir=/models/llama --experts=math=/ad/math,code=/ad/code
 //       --routers=/r/mix --admin_token_file=/etc/moelora/token
 
-#include <ATen/Context.h>
-#include <c10/core/Device.h>
-#include <c10/util/Exception.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -92,43 +89,14 @@ int ReadSignal() {
   return byte;
 }
 
-absl::StatusOr<moelora::LoadOptions> ParseLoadOptions() {
-  moelora::LoadOptions options;
-  const std::string device = absl::GetFlag(FLAGS_device);
-  if (device == "auto") {
-    options.device = at::hasCUDA() ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
-  } else {
-    try {
-      options.device = c10::Device(device);
-    } catch (const c10::Error& e) {
-      return absl::InvalidArgumentError(absl::StrCat("--device: '", device, "' is not a device"));
-    }
-    if (options.device.is_cuda() && !at::hasCUDA()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--device=", device, ": this build or machine has no CUDA"));
-    }
-  }
-  const std::string dtype = absl::GetFlag(FLAGS_dtype);
-  if (dtype == "auto") {
-    options.dtype = options.device.is_cuda() ? at::kBFloat16 : at::kFloat;
-  } else if (dtype == "fp32") {
-    options.dtype = at::kFloat;
-  } else if (dtype == "bf16") {
-    options.dtype = at::kBFloat16;
-  } else if (dtype == "fp16") {
-    options.dtype = at::kHalf;
-  } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--dtype: '", dtype, "', expected auto, fp32, bf16 or fp16"));
-  }
-  return options;
-}
-
 absl::StatusOr<moelora::server::ServerOptions> OptionsFromFlags() {
   moelora::server::ServerOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model_dir);
   if (options.model_dir.empty()) return absl::InvalidArgumentError("--model_dir is required");
-  ASSIGN_OR_RETURN(options.load, ParseLoadOptions());
+  absl::StatusOr<moelora::LoadOptions> load =
+      moelora::ParseLoadOptions(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_dtype));
+  if (!load.ok()) return moelora::PrefixStatus(load.status(), "--device/--dtype: ");
+  options.load = *load;
   options.pool = {.capacity = absl::GetFlag(FLAGS_pool_capacity),
                   .max_rank = absl::GetFlag(FLAGS_pool_max_rank)};
   options.engine = {.max_running_requests = absl::GetFlag(FLAGS_max_running_requests),

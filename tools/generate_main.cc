@@ -8,8 +8,6 @@
 //   moelora-generate ... --weights=math:0.3,code:0.7      (or --pin=math)
 
 #include <ATen/ATen.h>
-#include <c10/core/Device.h>
-#include <c10/util/Exception.h>
 
 #include <chrono>
 #include <cstdint>
@@ -41,7 +39,7 @@ ABSL_FLAG(std::string, prompt, "1,17,42,99,7",
           "prompts of a batch");
 ABSL_FLAG(int64_t, max_new_tokens, 16, "tokens to generate per prompt");
 ABSL_FLAG(std::string, device, "cpu", "cpu, cuda or cuda:N");
-ABSL_FLAG(std::string, dtype, "fp32", "fp32, bf16 or fp16");
+ABSL_FLAG(std::string, dtype, "auto", "auto (bf16 on cuda, fp32 on cpu), fp32, bf16 or fp16");
 ABSL_FLAG(std::string, experts, "",
           "PEFT LoRA experts to attach, name=dir[,name=dir...]; with no --model_dir the built-in "
           "demo experts");
@@ -89,28 +87,6 @@ absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ParsePairs(cons
   return pairs;
 }
 
-absl::StatusOr<moelora::LoadOptions> ParseLoadOptions() {
-  moelora::LoadOptions options;
-  try {
-    options.device = c10::Device(absl::GetFlag(FLAGS_device));
-  } catch (const c10::Error& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--device: '", absl::GetFlag(FLAGS_device), "' is not a device"));
-  }
-  const std::string dtype = absl::GetFlag(FLAGS_dtype);
-  if (dtype == "fp32") {
-    options.dtype = at::kFloat;
-  } else if (dtype == "bf16") {
-    options.dtype = at::kBFloat16;
-  } else if (dtype == "fp16") {
-    options.dtype = at::kHalf;
-  } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--dtype: '", dtype, "', expected fp32, bf16 or fp16"));
-  }
-  return options;
-}
-
 absl::Status Run() {
   std::string model_dir = absl::GetFlag(FLAGS_model_dir);
   std::string experts_flag = absl::GetFlag(FLAGS_experts);
@@ -129,7 +105,9 @@ absl::Status Run() {
     if (router_dir.empty()) router_dir = demo_dir + "/routers/demo-router";
   }
   ASSIGN_OR_RETURN(auto prompts, ParsePrompts(absl::GetFlag(FLAGS_prompt)));
-  ASSIGN_OR_RETURN(moelora::LoadOptions options, ParseLoadOptions());
+  ASSIGN_OR_RETURN(
+      moelora::LoadOptions options,
+      moelora::ParseLoadOptions(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_dtype)));
   ASSIGN_OR_RETURN(auto model, moelora::Model::Load(model_dir, options));
   const moelora::ModelConfig& config = model->config();
   std::cout << "model " << model_dir << ": " << moelora::ModelTypeName(config.model_type) << ", "

@@ -243,3 +243,26 @@ TEST_F(ModelForwardTest, ResetSlotStartsOver) {
 
 }  // namespace
 }  // namespace moelora
+
+namespace moelora {
+namespace {
+
+TEST(ParseLoadOptionsTest, AutoAndExplicitValues) {
+  auto automatic = ParseLoadOptions("auto", "auto");
+  ASSERT_TRUE(automatic.ok()) << automatic.status();
+  EXPECT_EQ(automatic->device.is_cuda(), at::hasCUDA());
+  EXPECT_EQ(automatic->dtype, at::hasCUDA() ? at::kBFloat16 : at::kFloat);
+  auto cpu = ParseLoadOptions("cpu", "fp16");
+  ASSERT_TRUE(cpu.ok());
+  EXPECT_TRUE(cpu->device.is_cpu());
+  EXPECT_EQ(cpu->dtype, at::kHalf);
+  EXPECT_EQ(ParseLoadOptions("gpu", "auto").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseLoadOptions("cpu", "bf17").status().code(), absl::StatusCode::kInvalidArgument);
+  if (!at::hasCUDA()) {
+    EXPECT_EQ(ParseLoadOptions("cuda", "auto").status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+}
+
+}  // namespace
+}  // namespace moelora

@@ -81,10 +81,10 @@ void Prepare() {
   if (!std::filesystem::exists(dir + "/base/config.json")) {
     Check(WriteRandomModel(dir + "/base", config, {.seed = 1, .weight_std = 0.02}));
   }
-  LoadOptions options;
-  options.device = c10::Device(absl::GetFlag(FLAGS_device));
-  const std::string dtype = absl::GetFlag(FLAGS_dtype);
-  options.dtype = dtype == "bf16" ? at::kBFloat16 : dtype == "fp16" ? at::kHalf : at::kFloat;
+  absl::StatusOr<LoadOptions> parsed =
+      ParseLoadOptions(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_dtype));
+  Check(parsed.status());
+  const LoadOptions options = *parsed;
   Setup& setup = Global();
   auto model = Model::Load(dir + "/base", options);
   Check(model.status());
