@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo: the daemon on loopback with the built-in tiny llama, four LoRA experts and a
-# token-level router (written on first run), driven by moelora-cli: a streamed generation with
+# token-level router (trained on first run, a few seconds), driven by moelora-cli: streamed generations with
 # the routing weights of every token, an expert attached and detached live, the routing lines of
 # the metrics endpoint, and a clean SIGTERM shutdown.
 set -euo pipefail
@@ -44,16 +44,27 @@ cli health
 step "model, experts and routers"
 cli info
 
-step "two requests, streamed, with the routing weights behind every token"
-cli generate --prompt_ids=1,17,42,99,7 --max_new_tokens=8 --show_routing >"$build_dir/demo-a.txt" &
-first=$!
-cli generate --prompt_ids=3,8,64 --max_new_tokens=8 --temperature=0.8 --seed=7 --show_routing
-wait "$first"
-cat "$build_dir/demo-a.txt"
+step "four requests at once, one per domain (one batch), with the routing weights behind every token"
+# The demo's experts and router were trained on four synthetic domains (core/demo_assets.h):
+# a prompt from one domain should be routed to its expert.
+declare -A prompts=([math]=8,10,12,20,13 [code]=38,47,54,41 [chat]=68,75,84,80 [poetry]=98,112,110,101)
+pids=()
+for domain in math code chat poetry; do
+  extra=()
+  [ "$domain" = chat ] && extra=(--temperature=0.8 --seed=7)
+  cli generate --prompt_ids="${prompts[$domain]}" --max_new_tokens=6 --show_routing "${extra[@]}" \
+    >"$build_dir/demo-$domain.txt" &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+for domain in math code chat poetry; do
+  echo "-- a $domain prompt: ${prompts[$domain]}"
+  cat "$build_dir/demo-$domain.txt"
+done
 
 step "attach the expert 'extra' while serving, use it, detach it"
 cli experts attach --name=extra --path="$assets/experts/extra"
-cli generate --prompt_ids=1,17,42 --max_new_tokens=4 --pin=extra
+cli generate --prompt_ids=8,10,12 --max_new_tokens=4 --pin=extra
 cli experts detach --name=extra
 cli experts list
 

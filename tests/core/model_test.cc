@@ -259,8 +259,7 @@ TEST(ParseLoadOptionsTest, AutoAndExplicitValues) {
   EXPECT_EQ(ParseLoadOptions("gpu", "auto").status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ParseLoadOptions("cpu", "bf17").status().code(), absl::StatusCode::kInvalidArgument);
   if (!at::hasCUDA()) {
-    EXPECT_EQ(ParseLoadOptions("cuda", "auto").status().code(),
-              absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(ParseLoadOptions("cuda", "auto").status().code(), absl::StatusCode::kInvalidArgument);
   }
 }
 
