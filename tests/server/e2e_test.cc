@@ -130,6 +130,19 @@ TEST_F(ServerProcessTest, SigtermDrainsRequestsInFlightAndExitsZero) {
   int64_t tokens = message.token_ids_size();
 
   ASSERT_EQ(kill(pid_, SIGTERM), 0);
+  // Draining: a new request is refused while the one in flight keeps streaming.
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  {
+    grpc::ClientContext late_context;
+    late_context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::GenerateRequest late = request;
+    late.mutable_sampling()->set_max_new_tokens(2);
+    auto late_reader = stub->Generate(&late_context, late);
+    v1::GenerateResponse ignored;
+    while (late_reader->Read(&ignored)) {
+    }
+    EXPECT_EQ(late_reader->Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
+  }
   while (reader->Read(&message)) tokens += message.token_ids_size();
   const grpc::Status status = reader->Finish();
   EXPECT_TRUE(status.ok()) << status.error_message();

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <memory>
 #include <string>
@@ -71,6 +72,22 @@ struct Files {
     if (!status.ok()) return status;
     status = WriteRandomAdapter(expert("chat"), config, {.r = 2, .seed = 13, .std = 0.3});
     if (!status.ok()) return status;
+    // An adapter made for a wider model (hidden 96, not 64).
+    ModelConfig wider = config;
+    wider.hidden_size = 96;
+    status = WriteRandomAdapter(expert("wider"), wider, {.r = 2, .seed = 15});
+    if (!status.ok()) return status;
+    // An adapter whose config targets k_proj, with no k_proj weights in its file.
+    status = WriteRandomAdapter(expert("missing-keys"), config, {.r = 2, .seed = 16});
+    if (!status.ok()) return status;
+    {
+      std::ifstream in(expert("missing-keys") + "/adapter_config.json");
+      std::string json((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      const size_t at = json.find("\"q_proj\"");
+      if (at == std::string::npos) return absl::InternalError("no q_proj in adapter_config.json");
+      json.insert(at, "\"k_proj\", ");
+      std::ofstream(expert("missing-keys") + "/adapter_config.json", std::ios::trunc) << json;
+    }
     // A corrupt copy of an adapter: the weights file cut short.
     status = WriteRandomAdapter(expert("corrupt"), config, {.r = 2, .seed = 14});
     if (!status.ok()) return status;
@@ -443,6 +460,18 @@ TEST_F(ServerTest, BadAttachesAreRefusedClearly) {
   EXPECT_FALSE(status.ok());
   EXPECT_NE(status.error_message().find("adapter_model.safetensors"), std::string::npos)
       << status.error_message();
+
+  attach.set_name("wider");
+  attach.set_path(files_->expert("wider"));
+  status = Admin(&v1::Admin::Stub::AttachExpert, attach, &info);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_NE(status.error_message().find("q_proj"), std::string::npos) << status.error_message();
+
+  attach.set_name("missing-keys");
+  attach.set_path(files_->expert("missing-keys"));
+  status = Admin(&v1::Admin::Stub::AttachExpert, attach, &info);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_NE(status.error_message().find("k_proj"), std::string::npos) << status.error_message();
 
   attach.set_name("ghost");
   attach.set_path(files_->expert("does-not-exist"));
