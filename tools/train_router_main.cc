@@ -8,8 +8,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/core/Device.h>
-#include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <fstream>
@@ -91,28 +89,6 @@ absl::StatusOr<std::vector<moelora::ExpertSource>> ParseExperts(const std::strin
   return experts;
 }
 
-absl::StatusOr<moelora::LoadOptions> ParseLoadOptions() {
-  moelora::LoadOptions options;
-  try {
-    options.device = c10::Device(absl::GetFlag(FLAGS_device));
-  } catch (const c10::Error& e) {
-    return absl::InvalidArgumentError(absl::StrCat("--device: '", absl::GetFlag(FLAGS_device),
-                                                   "': ", e.what_without_backtrace()));
-  }
-  const std::string dtype = absl::GetFlag(FLAGS_dtype);
-  if (dtype == "fp32") {
-    options.dtype = at::kFloat;
-  } else if (dtype == "bf16") {
-    options.dtype = at::kBFloat16;
-  } else if (dtype == "fp16") {
-    options.dtype = at::kHalf;
-  } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--dtype: '", dtype, "', expected fp32, bf16 or fp16"));
-  }
-  return options;
-}
-
 absl::StatusOr<std::vector<moelora::TokenSequence>> ReadData(const std::string& model_dir) {
   const std::string path = absl::GetFlag(FLAGS_data);
   std::string format = absl::GetFlag(FLAGS_data_format);
@@ -153,7 +129,9 @@ absl::Status Run() {
   }
   if (absl::GetFlag(FLAGS_threads) > 0) at::set_num_threads(absl::GetFlag(FLAGS_threads));
 
-  ASSIGN_OR_RETURN(moelora::LoadOptions load_options, ParseLoadOptions());
+  ASSIGN_OR_RETURN(
+      moelora::LoadOptions load_options,
+      moelora::ParseLoadOptions(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_dtype)));
   ASSIGN_OR_RETURN(auto model, moelora::Model::Load(model_dir, load_options));
   const int64_t vocab = model->config().vocab_size;
 
