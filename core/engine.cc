@@ -428,8 +428,10 @@ void Engine::Step() {
     for (; taken < queue_.size() && free > 0; ++taken) {
       Pending& next = *queue_[taken];
       if (next.is_score) {
-        // Scores use a slot only for their own forward, after this step's batch.
+        // A score borrows a free slot for its own forward after this step's batch: keep one
+        // back from this step's admissions so it is still free then.
         scores.push_back(std::move(queue_[taken]));
+        --free;
         continue;
       }
       const int64_t prompt = static_cast<int64_t>(next.generate.prompt.size());

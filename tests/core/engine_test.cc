@@ -401,6 +401,29 @@ TEST_F(EngineTest, ScoreMatchesTheForwardsLogSoftmax) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST_F(EngineTest, ScoresAndGenerationsShareOneSlot) {
+  StartEngine({.max_running_requests = 1, .max_seq_len = 64});
+  std::vector<std::future<absl::StatusOr<ScoreResult>>> scores;
+  std::vector<std::unique_ptr<Collector>> generations;
+  for (int i = 0; i < 4; ++i) {
+    auto promise = std::make_shared<std::promise<absl::StatusOr<ScoreResult>>>();
+    scores.push_back(promise->get_future());
+    ScoreRequest score;
+    score.tokens = {1, 2, 3, static_cast<int64_t>(i)};
+    ASSERT_TRUE(engine_
+                    ->SubmitScore(score,
+                                  [promise](absl::StatusOr<ScoreResult> r) {
+                                    promise->set_value(std::move(r));
+                                  })
+                    .ok());
+    generations.push_back(std::make_unique<Collector>());
+    ASSERT_TRUE(engine_->Submit(Request({4, 5}, 3), generations.back()->Sink()).ok());
+  }
+  for (auto& score : scores) EXPECT_TRUE(score.get().ok());
+  for (auto& generation : generations) EXPECT_TRUE(generation->Wait().status.ok());
+  EXPECT_EQ(engine_->stats().kv_slots_used, 0);
+}
+
 TEST_F(EngineTest, AdminListsExpertsWithServedCounts) {
   StartEngine();
   Collector collector;
