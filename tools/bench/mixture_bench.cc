@@ -38,6 +38,8 @@ ABSL_FLAG(int64_t, vocab, 1024, "vocabulary");
 ABSL_FLAG(int64_t, rank, 16, "LoRA rank of every expert");
 ABSL_FLAG(int64_t, batch, 2, "sequences per prefill");
 ABSL_FLAG(int64_t, seq_len, 64, "tokens per sequence");
+ABSL_FLAG(int64_t, decode_context, 128, "decode: tokens already in each sequence's cache");
+ABSL_FLAG(int64_t, decode_steps, 100, "decode: timed steps per run (one token per sequence)");
 ABSL_FLAG(std::string, work_dir, "/tmp/moelora-bench", "where the random model and experts go");
 
 namespace moelora {
@@ -170,6 +172,34 @@ void BM_KPass(benchmark::State& state, int k) {
   state.SetItemsProcessed(state.iterations() * s.tokens);
 }
 
+// One decode step (one new token for each of `batch` sequences, each with decode_context tokens
+// already cached) of the base model (k = 0) or the fused pass over k experts with dense
+// weights: the step the serving engine runs once per generated token.
+void BM_Decode(benchmark::State& state, int64_t batch, int k) {
+  Setup& s = Global();
+  const int64_t context = absl::GetFlag(FLAGS_decode_context);
+  const int64_t vocab = s.model->config().vocab_size;
+  auto cache = s.model->CreateKvCache(batch, context + absl::GetFlag(FLAGS_decode_steps) + 1);
+  Check(cache.status());
+  std::vector<SequenceInput> prompts, step;
+  for (int64_t b = 0; b < batch; ++b) {
+    std::vector<int64_t> tokens(context);
+    for (int64_t t = 0; t < context; ++t) tokens[t] = (b * 7919 + t * 104729) % vocab;
+    prompts.push_back({b, std::move(tokens)});
+    step.push_back({b, {(b * 31) % vocab}});
+  }
+  Check(s.model->Forward(prompts, *cache).status());
+  const auto snapshot = k > 0 ? FirstExperts(k) : nullptr;
+  const at::Tensor weights = at::full({batch, std::max(k, 1)}, 1.0 / std::max(k, 1));
+  for (auto _ : state) {
+    auto out = k > 0 ? s.mixture->ForwardWithWeights(step, *cache, snapshot, weights)
+                     : s.model->Forward(step, *cache);
+    Check(out.status());
+    Finish(state, out->logits);
+  }
+  state.SetItemsProcessed(state.iterations() * batch);  // items/s = generated tokens/s
+}
+
 // One projection alone, base vs base + fused delta (n·R = 8·16 rank rows): where the fused pass
 // spends its time, shape by shape.
 enum class ProjectionMode { kBase, kFused, kWidened };
@@ -215,6 +245,15 @@ int main(int argc, char** argv) {
         ->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark(absl::StrCat("prefill/kpass/K=", k).c_str(), moelora::BM_KPass, k)
         ->Unit(benchmark::kMillisecond);
+  }
+  for (int64_t batch : {1, 8, 32, 64}) {
+    for (int k : {0, 8}) {
+      benchmark::RegisterBenchmark(
+          absl::StrCat("decode/", k == 0 ? "base" : "fused/K=8", "/batch=", batch).c_str(),
+          moelora::BM_Decode, batch, k)
+          ->Iterations(absl::GetFlag(FLAGS_decode_steps))
+          ->Unit(benchmark::kMillisecond);
+    }
   }
   const int64_t hidden = absl::GetFlag(FLAGS_hidden),
                 intermediate = absl::GetFlag(FLAGS_intermediate);
