@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/types/span.h"
 #include "core/status_macros.h"
 
 namespace moelora {
@@ -28,7 +29,10 @@ struct Engine::Pending {
 
 struct Engine::Running {
   explicit Running(std::unique_ptr<Pending> p)
-      : pending(std::move(p)), sampler(pending->generate.sampling) {}
+      : pending(std::move(p)),
+        sampler(pending->generate.sampling),
+        expert_names(pending->pin.experts->Names()),
+        used(expert_names.size(), false) {}
   std::unique_ptr<Pending> pending;
   int64_t slot = -1;
   Sampler sampler;
@@ -39,7 +43,8 @@ struct Engine::Running {
   bool routing_names_sent = false;
   absl::Time admitted;
   absl::Time first_token = absl::InfinitePast();
-  std::set<std::string> used_experts;  // non-zero weight on some token
+  std::vector<std::string> expert_names;  // the pin's experts, the routing rows' columns
+  std::vector<bool> used;                 // per column: non-zero weight on some token
 };
 
 namespace {
@@ -124,8 +129,7 @@ EngineStats Engine::stats() const {
   return stats;
 }
 
-absl::Status Engine::ValidateCommon(const std::vector<int64_t>& tokens,
-                                    const RoutingControls& routing) const {
+absl::Status Engine::ValidateTokens(const std::vector<int64_t>& tokens) const {
   const int64_t vocab = model_.config().vocab_size;
   for (size_t i = 0; i < tokens.size(); ++i) {
     if (tokens[i] < 0 || tokens[i] >= vocab) {
@@ -145,7 +149,7 @@ absl::Status Engine::ValidateCommon(const std::vector<int64_t>& tokens,
 absl::StatusOr<std::shared_ptr<RequestHandle>> Engine::Submit(GenerateRequest request,
                                                               GenerateSink sink) {
   if (request.prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
-  RETURN_IF_ERROR(ValidateCommon(request.prompt, request.routing));
+  RETURN_IF_ERROR(ValidateTokens(request.prompt));
   RETURN_IF_ERROR(ValidateSamplingParams(request.sampling, model_.config().vocab_size));
   const int64_t needed =
       static_cast<int64_t>(request.prompt.size()) + request.sampling.max_new_tokens;
@@ -172,7 +176,7 @@ absl::StatusOr<std::shared_ptr<RequestHandle>> Engine::SubmitScore(ScoreRequest 
     return absl::InvalidArgumentError(
         absl::StrCat("scoring needs at least 2 tokens, got ", request.tokens.size()));
   }
-  RETURN_IF_ERROR(ValidateCommon(request.tokens, request.routing));
+  RETURN_IF_ERROR(ValidateTokens(request.tokens));
   if (static_cast<int64_t>(request.tokens.size()) > options_.max_seq_len) {
     return absl::InvalidArgumentError(absl::StrCat(
         "scoring ", request.tokens.size(), " tokens exceeds max_seq_len ", options_.max_seq_len));
@@ -260,10 +264,10 @@ absl::Status Engine::SetDefaultRouter(const std::string& name) {
 std::vector<RouterInfo> Engine::ListRouters() const { return mixture_.ListRouters(); }
 
 void Engine::CountServed(const Running& running) {
-  if (running.used_experts.empty()) return;
   absl::MutexLock lock(&experts_mu_);
-  for (const std::string& name : running.used_experts) {
-    const auto it = expert_records_.find(name);
+  for (size_t i = 0; i < running.used.size(); ++i) {
+    if (!running.used[i]) continue;
+    const auto it = expert_records_.find(running.expert_names[i]);
     if (it != expert_records_.end()) ++it->second.requests_served;
   }
 }
@@ -308,14 +312,7 @@ void Engine::Loop() {
   const absl::Status shutdown = absl::UnavailableError("the server shut down before it finished");
   for (auto& running : running_) Finish(*running, shutdown, FinishReason::kNone);
   running_.clear();
-  for (auto& pending : left) {
-    if (pending->is_score) {
-      pending->score_done(shutdown);
-    } else {
-      Running running(std::move(pending));
-      Finish(running, shutdown, FinishReason::kNone);
-    }
-  }
+  for (auto& pending : left) EndQueued(std::move(pending), shutdown);
   absl::MutexLock lock(&mu_);
   stats_.running = 0;
   stats_.kv_slots_used = 0;
@@ -350,6 +347,15 @@ void Engine::Finish(Running& running, absl::Status status, FinishReason reason,
   if (event.status.ok()) CountServed(running);
   if (observer_ != nullptr) observer_->OnRequestFinished(running.pending->generate, event);
   running.pending->sink(std::move(event));
+}
+
+void Engine::EndQueued(std::unique_ptr<Pending> pending, const absl::Status& status) {
+  if (pending->is_score) {
+    pending->score_done(status);
+    return;
+  }
+  Running running(std::move(pending));
+  Finish(running, status, FinishReason::kNone);
 }
 
 void Engine::RunScore(Pending& pending) {
@@ -453,16 +459,11 @@ void Engine::Step() {
     running_.push_back(std::move(running));
   }
   for (auto& pending : dropped) {
-    const absl::Status status =
-        pending->handle->cancelled()
-            ? absl::CancelledError("the request was cancelled while queued")
-            : absl::DeadlineExceededError("the request's deadline passed while queued");
-    if (pending->is_score) {
-      pending->score_done(status);
-    } else {
-      Running running(std::move(pending));
-      Finish(running, status, FinishReason::kNone);
-    }
+    const bool cancelled = pending->handle->cancelled();
+    EndQueued(std::move(pending),
+              cancelled
+                  ? absl::CancelledError("the request was cancelled while queued")
+                  : absl::DeadlineExceededError("the request's deadline passed while queued"));
   }
   std::erase_if(running_, [](const auto& running) { return running->finished; });
 
@@ -569,26 +570,24 @@ void Engine::EmitToken(Running& running, const at::Tensor& logits, const Mixture
 
   GenerateEvent event;
   event.tokens = {*token};
-  const at::Tensor& weights = out.routing.sequence_weights[index];
-  const std::vector<float> last = Row(weights, weights.size(0) - 1);
-  const std::vector<std::string> names = running.pending->pin.experts->Names();
-  const at::Tensor used = weights.gt(0).any(0);
-  for (size_t i = 0; i < names.size(); ++i) {
-    if (used[static_cast<int64_t>(i)].item<bool>()) running.used_experts.insert(names[i]);
+  // The sequence's routing rows of this step, read in place (CPU fp32).
+  const at::Tensor weights = out.routing.sequence_weights[index].contiguous();
+  const int64_t rows = weights.size(0), columns = weights.size(1);
+  const absl::Span<const float> routing(weights.data_ptr<float>(), rows * columns);
+  for (int64_t i = 0; i < rows * columns; ++i) {
+    if (routing[i] > 0) running.used[i % columns] = true;
   }
   if (observer_ != nullptr) {
-    const at::Tensor contiguous = weights.contiguous();
-    observer_->OnRouting(out.routing.routers[index], names,
-                         std::vector<float>(contiguous.data_ptr<float>(),
-                                            contiguous.data_ptr<float>() + contiguous.numel()),
-                         weights.size(0), prefill, out.routing.routing_seconds[index]);
+    observer_->OnRouting(out.routing.routers[index], running.expert_names, routing, rows, prefill,
+                         out.routing.routing_seconds[index]);
   }
   if (request.return_routing) {
     if (!running.routing_names_sent) {
-      event.routing_experts = names;
+      event.routing_experts = running.expert_names;
       running.routing_names_sent = true;
     }
-    event.routing.push_back(last);
+    const absl::Span<const float> last = routing.subspan((rows - 1) * columns, columns);
+    event.routing.emplace_back(last.begin(), last.end());
   }
   const int64_t generated = static_cast<int64_t>(running.generated.size());
   if (running.sampler.Finished(*token, generated)) {

@@ -36,6 +36,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "core/expert_pool.h"
 #include "core/mixture.h"
 #include "core/model.h"
@@ -158,7 +159,7 @@ class EngineObserver {
   // empty when the request was pinned, weighted explicitly or used the base model.
   // `prefill` marks the request's first forward (once per request).
   virtual void OnRouting(const std::string& router, const std::vector<std::string>& experts,
-                         const std::vector<float>& weights, int64_t tokens, bool prefill,
+                         absl::Span<const float> weights, int64_t tokens, bool prefill,
                          double routing_seconds) {}
   virtual void OnRequestFinished(const GenerateRequest& request, const GenerateEvent& last) {}
 };
@@ -208,13 +209,15 @@ class Engine {
   struct Running;
 
   Engine(const Model& model, Mixture& mixture, const EngineOptions& options);
-  absl::Status ValidateCommon(const std::vector<int64_t>& tokens,
-                              const RoutingControls& routing) const;
+  // Ids in the vocabulary, at most max_batch_tokens of them.
+  absl::Status ValidateTokens(const std::vector<int64_t>& tokens) const;
   absl::Status Enqueue(std::unique_ptr<Pending> pending);
   void Loop();
   // One step: drop, admit, forward, sample, emit.
   void Step();
   void RunScore(Pending& pending);
+  // Ends a request that never ran (queued when cancelled, expired or shut down).
+  void EndQueued(std::unique_ptr<Pending> pending, const absl::Status& status);
   // Ends a request: frees its slot and sends `event` as its last one.
   void Finish(Running& running, absl::Status status, FinishReason reason, GenerateEvent event = {});
   // Samples the next token from `logits` ([vocab]) and emits it with its routing row.

@@ -350,8 +350,12 @@ absl::StatusOr<MixtureOutput> Mixture::Forward(std::vector<MixtureSequence>& bat
   } else {
     ASSIGN_OR_RETURN(snapshot, pool_.Union(distinct));
   }
-  std::map<const ResidentExpert*, int64_t> union_position;
-  for (int64_t i = 0; i < snapshot->size(); ++i) union_position[snapshot->experts()[i].get()] = i;
+  std::map<const ResidentExpert*, int64_t> union_position;  // only needed for a union
+  if (distinct.size() > 1) {
+    for (int64_t i = 0; i < snapshot->size(); ++i) {
+      union_position[snapshot->experts()[i].get()] = i;
+    }
+  }
 
   int64_t total_tokens = 0;
   for (const MixtureSequence& sequence : batch) {
@@ -369,7 +373,11 @@ absl::StatusOr<MixtureOutput> Mixture::Forward(std::vector<MixtureSequence>& bat
       const int64_t count = static_cast<int64_t>(sequence.input.tokens.size());
       RoutingState one_shot;
       RoutingState& state = sequence.state != nullptr ? *sequence.state : one_shot;
-      at::Tensor own = at::zeros({count, pin.experts->size()}, at::kFloat);
+      // The common case routes straight into the forward's rows; a pin that is not the
+      // forward's snapshot routes over its own columns, scattered into the union by identity.
+      const bool own_columns = pin.experts != snapshot;
+      at::Tensor own = own_columns ? at::zeros({count, pin.experts->size()}, at::kFloat)
+                                   : weights.narrow(0, row, count);
       const absl::Time routing_started = absl::Now();
       absl::Status routed = RouteSequence(sequence, state, *pin.experts, *pin.routers, own, 0);
       output.routing.routing_seconds.push_back(
@@ -378,10 +386,12 @@ absl::StatusOr<MixtureOutput> Mixture::Forward(std::vector<MixtureSequence>& bat
         return absl::Status(routed.code(), absl::StrCat("sequence in slot ", sequence.input.slot,
                                                         ": ", routed.message()));
       }
-      for (int64_t i = 0; i < pin.experts->size(); ++i) {
-        weights.narrow(0, row, count)
-            .select(1, union_position.at(pin.experts->experts()[i].get()))
-            .copy_(own.select(1, i));
+      if (own_columns && pin.experts->size() > 0) {
+        std::vector<int64_t> columns;
+        for (const auto& expert : pin.experts->experts()) {
+          columns.push_back(union_position.at(expert.get()));
+        }
+        weights.narrow(0, row, count).index_copy_(1, at::tensor(columns), own);
       }
       output.routing.sequence_weights.push_back(own);
       output.routing.routers.push_back(RouterFor(sequence.controls, *pin.routers));

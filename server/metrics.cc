@@ -159,7 +159,7 @@ void Metrics::OnStep(int64_t requests, int64_t tokens, absl::Duration duration) 
 }
 
 void Metrics::OnRouting(const std::string& router, const std::vector<std::string>& experts,
-                        const std::vector<float>& weights, int64_t tokens, bool prefill,
+                        absl::Span<const float> weights, int64_t tokens, bool prefill,
                         double routing_seconds) {
   const std::string& label = RouterLabel(router);
   const size_t k = experts.size();

@@ -49,7 +49,7 @@ class Metrics : public EngineObserver, public prometheus::Collectable {
   // --- EngineObserver (compute thread) ---
   void OnStep(int64_t requests, int64_t tokens, absl::Duration duration) override;
   void OnRouting(const std::string& router, const std::vector<std::string>& experts,
-                 const std::vector<float>& weights, int64_t tokens, bool prefill,
+                 absl::Span<const float> weights, int64_t tokens, bool prefill,
                  double routing_seconds) override;
   void OnRequestFinished(const GenerateRequest& request, const GenerateEvent& last) override;
 
