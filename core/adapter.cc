@@ -2,7 +2,6 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
-#include <sys/stat.h>
 
 #include <algorithm>
 #include <cmath>
@@ -159,12 +158,6 @@ std::optional<ProjectionId> ParseProjectionPath(absl::string_view path) {
   std::optional<ProjectionKind> kind = ProjectionFromName(parts[4]);
   if (!kind.has_value() || ProjectionParent(*kind) != parts[3]) return std::nullopt;
   return ProjectionId{layer, *kind};
-}
-
-// {in_features, out_features} of a projection of `base`.
-bool IsRegularFile(const std::string& path) {
-  struct stat info;
-  return ::stat(path.c_str(), &info) == 0 && S_ISREG(info.st_mode);
 }
 
 // ---- adapter_config.json -------------------------------------------------------------------

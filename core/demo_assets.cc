@@ -2,11 +2,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <sys/stat.h>
 
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "core/file_io.h"
 #include "core/model.h"
 #include "core/random_model.h"
 #include "core/router.h"
@@ -61,8 +61,7 @@ std::vector<SyntheticDomain> DemoDomains() {
 
 absl::Status WriteDemoAssets(const std::string& dir) {
   const std::string manifest_path = dir + "/manifest.json";
-  struct stat info;
-  if (stat(manifest_path.c_str(), &info) == 0) return absl::OkStatus();
+  if (IsRegularFile(manifest_path)) return absl::OkStatus();
   SingleThreaded single_threaded;
 
   const ModelConfig config = TinyModelConfig(ModelType::kLlama);

@@ -9,9 +9,18 @@
 
 namespace moelora {
 
-absl::StatusOr<std::string> ReadFileToString(const std::string& path, absl::string_view what) {
+bool IsRegularFile(const std::string& path) {
   std::error_code error;
-  if (!std::filesystem::is_regular_file(path, error)) {
+  return std::filesystem::is_regular_file(path, error);
+}
+
+bool IsDirectory(const std::string& path) {
+  std::error_code error;
+  return std::filesystem::is_directory(path, error);
+}
+
+absl::StatusOr<std::string> ReadFileToString(const std::string& path, absl::string_view what) {
+  if (!IsRegularFile(path)) {
     return absl::NotFoundError(absl::StrCat(path, ": ", what, " not found"));
   }
   std::ifstream in(path, std::ios::binary);

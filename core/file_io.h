@@ -13,6 +13,10 @@ namespace moelora {
 // DataLoss when reading fails.
 absl::StatusOr<std::string> ReadFileToString(const std::string& path, absl::string_view what);
 
+// Whether `path` is a regular file / a directory (following symlinks; false on any error).
+bool IsRegularFile(const std::string& path);
+bool IsDirectory(const std::string& path);
+
 // The same status with `prefix` in front of its message.
 absl::Status PrefixStatus(const absl::Status& status, absl::string_view prefix);
 

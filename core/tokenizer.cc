@@ -1,7 +1,6 @@
 #include "core/tokenizer.h"
 
 #include <dlfcn.h>
-#include <sys/stat.h>
 
 #include <cstdlib>
 #include <type_traits>
@@ -9,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "core/file_io.h"
 #include "core/sentencepiece_shim.h"
 #include "core/status_macros.h"
 
@@ -28,16 +28,6 @@ struct Tokenizer::Shim {
 };
 
 namespace {
-
-bool IsDirectory(const std::string& path) {
-  struct stat st;
-  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
-
-bool IsRegularFile(const std::string& path) {
-  struct stat st;
-  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
-}
 
 // Takes ownership of a message the shim malloc'ed.
 std::string TakeMessage(const Tokenizer::Shim& shim, char* message) {
