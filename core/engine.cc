@@ -93,6 +93,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const Model& model, Mixtu
   std::unique_ptr<Engine> engine(new Engine(model, mixture, resolved));
   ASSIGN_OR_RETURN(engine->cache_,
                    model.CreateKvCache(resolved.max_running_requests, resolved.max_seq_len));
+  if (resolved.cuda_graphs) {
+    engine->decode_graphs_ = std::make_unique<DecodeGraphs>(
+        model, engine->cache_, DecodeGraphOptions{.max_batch = resolved.max_running_requests});
+  }
   for (int64_t slot = resolved.max_running_requests - 1; slot >= 0; --slot) {
     engine->free_slots_.push_back(slot);
   }
@@ -482,7 +486,8 @@ void Engine::Step() {
       tokens += static_cast<int64_t>(batch[b].input.tokens.size());
     }
     const absl::Time started = absl::Now();
-    absl::StatusOr<MixtureOutput> out = mixture_.Forward(batch, cache_);
+    absl::StatusOr<MixtureOutput> out =
+        mixture_.Forward(batch, cache_, {.decode_graphs = decode_graphs_.get()});
     if (out.ok()) {
       if (observer_ != nullptr) {
         observer_->OnStep(static_cast<int64_t>(batch.size()), tokens, absl::Now() - started);
@@ -542,6 +547,11 @@ void Engine::Step() {
 void Engine::PublishStats(bool step_done) {
   absl::MutexLock lock(&mu_);
   if (step_done) ++stats_.steps;
+  if (decode_graphs_ != nullptr) {
+    const DecodeGraphStats graphs = decode_graphs_->stats();
+    stats_.graph_steps = graphs.replays;
+    stats_.graph_captures = graphs.captures;
+  }
   stats_.running = scores_in_hand_;
   stats_.kv_slots_used = stats_.kv_slots_total - static_cast<int64_t>(free_slots_.size());
   stats_.kv_tokens_reserved = 0;

@@ -37,6 +37,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "core/decode_graphs.h"
 #include "core/expert_pool.h"
 #include "core/mixture.h"
 #include "core/model.h"
@@ -49,6 +50,9 @@ struct EngineOptions {
   int64_t max_seq_len = 0;            // per request, prompt + generated; 0: min(model's, 4096)
   int64_t max_batch_tokens = 4096;    // new tokens per forward; longer prompts are refused
   int64_t max_queued_requests = 64;   // waiting requests; beyond: ResourceExhausted
+  // Decode steps (every running request adds one token) through CUDA graphs when the model is on
+  // a GPU and this build has them (core/decode_graphs.h); prefill and mixed steps stay eager.
+  bool cuda_graphs = true;
 };
 
 enum class FinishReason { kNone, kLength, kStop };
@@ -145,6 +149,8 @@ struct EngineStats {
   int64_t kv_tokens_reserved = 0;  // Σ (prompt + max_new_tokens) of running requests
   int64_t kv_tokens_used = 0;      // tokens in the cache now
   int64_t steps = 0;               // forwards run since start
+  int64_t graph_steps = 0;         // decode steps replayed from a CUDA graph
+  int64_t graph_captures = 0;
 };
 
 // Per-step and per-request events for metrics (issue 5). Called on the compute thread unless
@@ -248,6 +254,7 @@ class Engine {
 
   // Compute thread only.
   KvCache cache_;
+  std::unique_ptr<DecodeGraphs> decode_graphs_;  // null when cuda_graphs is off
   std::vector<std::unique_ptr<Running>> running_;
   std::vector<int64_t> free_slots_;
   int64_t scores_in_hand_ = 0;  // taken from the queue this step, not yet run

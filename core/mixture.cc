@@ -12,6 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "core/decode_graphs.h"
 #include "core/status_macros.h"
 
 namespace moelora {
@@ -418,6 +419,13 @@ absl::StatusOr<ForwardOutput> Mixture::ForwardWithWeights(
       weights.size(1) != snapshot->size()) {
     return absl::InvalidArgumentError(absl::StrCat("routing weights must be [", total_tokens,
                                                    " tokens, ", snapshot->size(), " experts]"));
+  }
+  DecodeGraphs* graphs = options.decode_graphs;
+  if (graphs != nullptr && !options.all_logits && !options.return_hidden &&
+      !weights.requires_grad() && graphs->Accepts(batch, cache, &pool_, snapshot.get())) {
+    absl::StatusOr<ForwardOutput> output = graphs->Run(batch, cache, &pool_, snapshot, weights);
+    // A failed capture turns graphs off and leaves the step to the eager path below.
+    if (output.ok() || graphs->disabled().ok()) return output;
   }
   std::optional<MixtureDelta> delta;
   try {

@@ -297,7 +297,6 @@ absl::StatusOr<ForwardOutput> Model::Forward(const std::vector<SequenceInput>& b
 
 ForwardOutput Model::ForwardValidated(const std::vector<SequenceInput>& batch, KvCache& cache,
                                       const ForwardOptions& options) const {
-  const ModelConfig& c = config_;
   const c10::Device device = options_.device;
   const int64_t num_seqs = static_cast<int64_t>(batch.size());
 
@@ -327,91 +326,21 @@ ForwardOutput Model::ForwardValidated(const std::vector<SequenceInput>& batch, K
     output.token_offsets.push_back(output.token_offsets.back() + n);
     last_rows.push_back(output.token_offsets.back() - 1);
   }
-  const int64_t num_tokens = static_cast<int64_t>(ids.size());
-  const at::Tensor ids_t = LongTensor(ids, device);
-  const at::Tensor positions_t = LongTensor(positions, device);
-  const at::Tensor token_slots_t = LongTensor(token_slots, device);
-  const at::Tensor padded_rows_t = LongTensor(padded_rows, device);
-  const at::Tensor slots_t = LongTensor(slots, device);
-
-  // RoPE angles in fp32, cast to the activation dtype as transformers does.
-  const at::Tensor freqs = positions_t.to(at::kFloat).unsqueeze(1) * inv_freq_.unsqueeze(0);
-  const at::Tensor angles = at::cat({freqs, freqs}, -1);
-  const at::Tensor cos = angles.cos().to(options_.dtype);
-  const at::Tensor sin = angles.sin().to(options_.dtype);
-
-  // Attention mask [seqs, 1, 1, max_new, max_total]: causal, within the sequence's length, and
-  // within Mistral's sliding window.
-  const at::Tensor key_pos =
-      at::arange(max_total, at::TensorOptions().dtype(at::kLong).device(device));
+  StepPlan plan;
+  plan.num_seqs = num_seqs;
+  plan.max_new = max_new;
+  plan.max_total = max_total;
+  plan.ids = LongTensor(ids, device);
+  plan.positions = LongTensor(positions, device);
+  plan.token_slots = LongTensor(token_slots, device);
+  plan.slots = LongTensor(slots, device);
+  if (max_new > 1) plan.padded_rows = LongTensor(padded_rows, device);
   const at::Tensor query_pos =
       LongTensor(past, device).view({num_seqs, 1}) +
       at::arange(max_new, at::TensorOptions().dtype(at::kLong).device(device)).view({1, max_new});
-  at::Tensor allowed = key_pos.view({1, 1, max_total})
-                           .le(query_pos.unsqueeze(2))
-                           .logical_and(key_pos.view({1, 1, max_total})
-                                            .lt(LongTensor(totals, device).view({num_seqs, 1, 1})));
-  if (c.sliding_window > 0) {
-    allowed = allowed.logical_and(
-        (query_pos.unsqueeze(2) - key_pos.view({1, 1, max_total})).lt(c.sliding_window));
-  }
-  const at::Tensor blocked = allowed.logical_not().view({num_seqs, 1, 1, max_new, max_total});
+  plan.blocked = BlockedKeys(query_pos, LongTensor(totals, device), max_total);
 
-  const int64_t heads = c.num_attention_heads, kv_heads = c.num_key_value_heads, d = c.head_dim;
-  const int64_t groups = heads / kv_heads;
-  const at::ScalarType accumulate = AccumulateType(options_.dtype);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-  const LinearDelta* delta = options.delta;
-  auto proj = [&](const Layer& layer, ProjectionKind kind, const at::Tensor& x) {
-    return layer.projections[static_cast<int>(kind)].Forward(x, delta);
-  };
-
-  at::Tensor h = EmbedTensor(ids_t);  // [tokens, hidden]
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const Layer& layer = layers_[l];
-    at::Tensor x = RmsNorm(h, layer.input_norm);
-    at::Tensor q = proj(layer, ProjectionKind::kQ, x).view({num_tokens, heads, d});
-    at::Tensor k = proj(layer, ProjectionKind::kK, x).view({num_tokens, kv_heads, d});
-    at::Tensor v = proj(layer, ProjectionKind::kV, x).view({num_tokens, kv_heads, d});
-    q = ApplyRope(q, cos, sin);
-    k = ApplyRope(k, cos, sin);
-    cache.keys_[l].index_put_({token_slots_t, positions_t}, k);
-    cache.values_[l].index_put_({token_slots_t, positions_t}, v);
-
-    // [seqs, kv_heads, max_total, d]
-    const at::Tensor keys =
-        cache.keys_[l].index_select(0, slots_t).narrow(1, 0, max_total).permute({0, 2, 1, 3});
-    const at::Tensor values =
-        cache.values_[l].index_select(0, slots_t).narrow(1, 0, max_total).permute({0, 2, 1, 3});
-    // Queries padded to [seqs, heads, max_new, d], grouped per KV head (head = kv * groups + g,
-    // as transformers' repeat_kv orders them) so GQA needs no copy of the keys. The attention
-    // core runs in fp32 as fused kernels do: bf16 scores would cost ~1% of every probability.
-    const at::Tensor padded_q = at::zeros({num_seqs * max_new, heads, d}, q.options())
-                                    .index_copy_(0, padded_rows_t, q)
-                                    .view({num_seqs, max_new, heads, d})
-                                    .permute({0, 2, 1, 3})
-                                    .reshape({num_seqs, kv_heads, groups * max_new, d})
-                                    .to(accumulate);
-    const at::Tensor scores = (at::matmul(padded_q, keys.to(accumulate).transpose(-1, -2)) * scale)
-                                  .view({num_seqs, kv_heads, groups, max_new, max_total})
-                                  .masked_fill(blocked, -std::numeric_limits<float>::infinity());
-    const at::Tensor probs =
-        at::softmax(scores, -1).view({num_seqs, kv_heads, groups * max_new, max_total});
-    const at::Tensor attended = at::matmul(probs, values.to(accumulate))
-                                    .to(options_.dtype)
-                                    .view({num_seqs, heads, max_new, d})
-                                    .permute({0, 2, 1, 3})
-                                    .reshape({num_seqs * max_new, heads * d})
-                                    .index_select(0, padded_rows_t);
-    h = h + proj(layer, ProjectionKind::kO, attended);
-
-    x = RmsNorm(h, layer.post_attention_norm);
-    const at::Tensor gated = Activate(proj(layer, ProjectionKind::kGate, x), c.activation) *
-                             proj(layer, ProjectionKind::kUp, x);
-    h = h + proj(layer, ProjectionKind::kDown, gated);
-  }
-  h = RmsNorm(h, final_norm_);
-
+  at::Tensor h = RunDecoder(plan, cache, options.delta);
   if (options.return_hidden) output.hidden = h;
   const at::Tensor selected =
       options.all_logits ? h : h.index_select(0, LongTensor(last_rows, device));
@@ -421,6 +350,113 @@ ForwardOutput Model::ForwardValidated(const std::vector<SequenceInput>& batch, K
     cache.lengths_[seq.slot] += static_cast<int64_t>(seq.tokens.size());
   }
   return output;
+}
+
+at::Tensor Model::DecodeStep(const DecodeStepInputs& inputs, KvCache& cache,
+                             const LinearDelta* delta) const {
+  StepPlan plan;
+  plan.num_seqs = inputs.ids.size(0);
+  plan.max_new = 1;
+  plan.max_total = inputs.context;
+  plan.ids = inputs.ids;
+  plan.positions = inputs.positions;
+  plan.token_slots = inputs.slots;
+  plan.slots = inputs.slots;
+  // Keys past a sequence's own length (up to the bucket's context) are masked like padding.
+  plan.blocked =
+      BlockedKeys(inputs.positions.view({plan.num_seqs, 1}), inputs.positions + 1, inputs.context);
+  return at::linear(RunDecoder(plan, cache, delta), lm_head_);
+}
+
+void Model::CommitDecodeStep(const std::vector<SequenceInput>& batch, KvCache& cache) const {
+  for (const SequenceInput& seq : batch) ++cache.lengths_[seq.slot];
+}
+
+// Attention mask [seqs, 1, 1, queries, max_total]: true where a query must not see a key — past
+// its own position (causal), past the sequence's length, or outside Mistral's sliding window.
+at::Tensor Model::BlockedKeys(const at::Tensor& query_pos, const at::Tensor& totals,
+                              int64_t max_total) const {
+  const int64_t num_seqs = query_pos.size(0), queries = query_pos.size(1);
+  const at::Tensor key_pos =
+      at::arange(max_total, at::TensorOptions().dtype(at::kLong).device(query_pos.device()))
+          .view({1, 1, max_total});
+  at::Tensor allowed =
+      key_pos.le(query_pos.unsqueeze(2)).logical_and(key_pos.lt(totals.view({num_seqs, 1, 1})));
+  if (config_.sliding_window > 0) {
+    allowed = allowed.logical_and((query_pos.unsqueeze(2) - key_pos).lt(config_.sliding_window));
+  }
+  return allowed.logical_not().view({num_seqs, 1, 1, queries, max_total});
+}
+
+// The decoder layers and the final norm over a step's packed tokens: device work only (no host
+// reads), so a decode step can be captured in a CUDA graph.
+at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearDelta* delta) const {
+  const ModelConfig& c = config_;
+  const int64_t num_seqs = plan.num_seqs, max_new = plan.max_new, max_total = plan.max_total;
+  const int64_t num_tokens = plan.ids.size(0);
+
+  // RoPE angles in fp32, cast to the activation dtype as transformers does.
+  const at::Tensor freqs = plan.positions.to(at::kFloat).unsqueeze(1) * inv_freq_.unsqueeze(0);
+  const at::Tensor angles = at::cat({freqs, freqs}, -1);
+  const at::Tensor cos = angles.cos().to(options_.dtype);
+  const at::Tensor sin = angles.sin().to(options_.dtype);
+
+  const int64_t heads = c.num_attention_heads, kv_heads = c.num_key_value_heads, d = c.head_dim;
+  const int64_t groups = heads / kv_heads;
+  const at::ScalarType accumulate = AccumulateType(options_.dtype);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  auto proj = [&](const Layer& layer, ProjectionKind kind, const at::Tensor& x) {
+    return layer.projections[static_cast<int>(kind)].Forward(x, delta);
+  };
+
+  at::Tensor h = EmbedTensor(plan.ids);  // [tokens, hidden]
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const Layer& layer = layers_[l];
+    at::Tensor x = RmsNorm(h, layer.input_norm);
+    at::Tensor q = proj(layer, ProjectionKind::kQ, x).view({num_tokens, heads, d});
+    at::Tensor k = proj(layer, ProjectionKind::kK, x).view({num_tokens, kv_heads, d});
+    at::Tensor v = proj(layer, ProjectionKind::kV, x).view({num_tokens, kv_heads, d});
+    q = ApplyRope(q, cos, sin);
+    k = ApplyRope(k, cos, sin);
+    cache.keys_[l].index_put_({plan.token_slots, plan.positions}, k);
+    cache.values_[l].index_put_({plan.token_slots, plan.positions}, v);
+
+    // [seqs, kv_heads, max_total, d]
+    const at::Tensor keys =
+        cache.keys_[l].index_select(0, plan.slots).narrow(1, 0, max_total).permute({0, 2, 1, 3});
+    const at::Tensor values =
+        cache.values_[l].index_select(0, plan.slots).narrow(1, 0, max_total).permute({0, 2, 1, 3});
+    // Queries padded to [seqs, heads, max_new, d] (one token per sequence needs no padding),
+    // grouped per KV head (head = kv * groups + g, as transformers' repeat_kv orders them) so GQA
+    // needs no copy of the keys. The attention core runs in fp32 as fused kernels do: bf16
+    // scores would cost ~1% of every probability.
+    const at::Tensor padded = max_new == 1 ? q
+                                           : at::zeros({num_seqs * max_new, heads, d}, q.options())
+                                                 .index_copy_(0, plan.padded_rows, q);
+    const at::Tensor padded_q = padded.view({num_seqs, max_new, heads, d})
+                                    .permute({0, 2, 1, 3})
+                                    .reshape({num_seqs, kv_heads, groups * max_new, d})
+                                    .to(accumulate);
+    const at::Tensor scores =
+        (at::matmul(padded_q, keys.to(accumulate).transpose(-1, -2)) * scale)
+            .view({num_seqs, kv_heads, groups, max_new, max_total})
+            .masked_fill(plan.blocked, -std::numeric_limits<float>::infinity());
+    const at::Tensor probs =
+        at::softmax(scores, -1).view({num_seqs, kv_heads, groups * max_new, max_total});
+    at::Tensor attended = at::matmul(probs, values.to(accumulate))
+                              .to(options_.dtype)
+                              .view({num_seqs, heads, max_new, d})
+                              .permute({0, 2, 1, 3})
+                              .reshape({num_seqs * max_new, heads * d});
+    if (max_new > 1) attended = attended.index_select(0, plan.padded_rows);
+    h = h + proj(layer, ProjectionKind::kO, attended);
+
+    x = RmsNorm(h, layer.post_attention_norm);
+    const at::Tensor gated = Activate(proj(layer, ProjectionKind::kGate, x), c.activation) *
+                             proj(layer, ProjectionKind::kUp, x);
+    h = h + proj(layer, ProjectionKind::kDown, gated);
+  }
+  return RmsNorm(h, final_norm_);
 }
 
 }  // namespace moelora

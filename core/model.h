@@ -23,6 +23,8 @@
 
 namespace moelora {
 
+class DecodeGraphs;
+
 struct LoadOptions {
   c10::Device device = c10::Device(c10::kCPU);
   // Weights and activations; RMSNorm statistics, RoPE angles and softmax run in fp32 whatever it
@@ -70,6 +72,17 @@ struct ForwardOptions {
   bool return_hidden = false;
   // Adapter hook applied in every projection; null for the base model.
   const LinearDelta* delta = nullptr;
+  // Mixture forwards: decode steps this accepts run through CUDA graphs (core/decode_graphs.h).
+  DecodeGraphs* decode_graphs = nullptr;
+};
+
+// Device tensors of one decode step (every sequence brings exactly one token), with shapes fixed by
+// the batch size and a context bucket: what a CUDA graph captures and then replays with new values.
+struct DecodeStepInputs {
+  at::Tensor ids;        // [batch] long, on the model's device
+  at::Tensor slots;      // [batch] long: distinct cache slots
+  at::Tensor positions;  // [batch] long: each slot's length before this token
+  int64_t context = 0;   // keys attended per sequence: > every position, <= the cache's max_seq_len
 };
 
 struct ForwardOutput {
@@ -97,6 +110,18 @@ class Model {
   absl::StatusOr<ForwardOutput> Forward(const std::vector<SequenceInput>& batch, KvCache& cache,
                                         const ForwardOptions& options = {}) const;
 
+  // What Forward checks before running: distinct slots in range, token ids in the vocabulary, room
+  // in the cache (InvalidArgument otherwise).
+  absl::Status ValidateBatch(const std::vector<SequenceInput>& batch, const KvCache& cache) const;
+
+  // One decode step from device-side inputs with no host work and no synchronisation, so that it
+  // can be captured in a CUDA graph: writes the new keys and values and returns the [batch, vocab]
+  // logits, but leaves the cache's lengths alone (CommitDecodeStep advances them once the step
+  // has run). Inputs must be valid (ValidateBatch); throws c10::Error.
+  at::Tensor DecodeStep(const DecodeStepInputs& inputs, KvCache& cache,
+                        const LinearDelta* delta) const;
+  void CommitDecodeStep(const std::vector<SequenceInput>& batch, KvCache& cache) const;
+
   // Token embeddings (Gemma's scale included) of the given ids: [n, hidden]. Routers read these.
   absl::StatusOr<at::Tensor> Embed(const std::vector<int64_t>& tokens) const;
 
@@ -111,12 +136,27 @@ class Model {
     Linear projections[kNumProjectionKinds];
   };
 
+  // One step's tokens as device tensors: what the decoder layers need beyond the weights.
+  struct StepPlan {
+    int64_t num_seqs = 0;
+    int64_t max_new = 0;     // most new tokens of one sequence
+    int64_t max_total = 0;   // keys attended per sequence
+    at::Tensor ids;          // [tokens] packed
+    at::Tensor positions;    // [tokens]
+    at::Tensor token_slots;  // [tokens]
+    at::Tensor slots;        // [seqs]
+    at::Tensor padded_rows;  // [tokens] row of each token in [seqs * max_new]; max_new > 1
+    at::Tensor blocked;      // [seqs, 1, 1, max_new, max_total] masked keys
+  };
+
   Model() = default;
   absl::Status LoadWeights(const std::string& dir);
-  absl::Status ValidateBatch(const std::vector<SequenceInput>& batch, const KvCache& cache) const;
   // The forward proper; throws c10::Error, which Forward turns into a Status.
   ForwardOutput ForwardValidated(const std::vector<SequenceInput>& batch, KvCache& cache,
                                  const ForwardOptions& options) const;
+  at::Tensor RunDecoder(const StepPlan& plan, KvCache& cache, const LinearDelta* delta) const;
+  at::Tensor BlockedKeys(const at::Tensor& query_pos, const at::Tensor& totals,
+                         int64_t max_total) const;
   at::Tensor EmbedTensor(const at::Tensor& ids) const;
   at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight) const;
   at::Tensor RopeInverseFrequencies() const;

@@ -68,12 +68,12 @@ absl::Status WriteRandomModel(const std::string& dir, const ModelConfig& c,
   try {
     at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(options.seed);
     auto normal = [&](std::vector<int64_t> shape) {
-      return at::normal(0.0, options.weight_std, shape, generator);
+      return at::normal(0.0, options.weight_std, shape, generator).to(options.dtype);
     };
     // Norm weights near their neutral value: 1 for w, 0 for Gemma's (1 + w).
     auto norm = [&]() {
       const double center = c.norm_weight_plus_one ? 0.0 : 1.0;
-      return at::normal(center, 0.1, {c.hidden_size}, generator);
+      return at::normal(center, 0.1, {c.hidden_size}, generator).to(options.dtype);
     };
     tensors.emplace_back("model.embed_tokens.weight", normal({c.vocab_size, c.hidden_size}));
     for (int64_t i = 0; i < c.num_hidden_layers; ++i) {

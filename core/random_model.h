@@ -4,6 +4,8 @@
 // Deterministic random checkpoints in Hugging Face layout: the demo's built-in default model and
 // the raw material of tests that need a model to corrupt or to adapt.
 
+#include <c10/core/ScalarType.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -22,6 +24,8 @@ struct RandomModelOptions {
   int num_shards = 1;
   // Standard deviation of projection and embedding weights.
   double weight_std = 0.15;
+  // On-disk dtype (bf16 halves what large benchmark checkpoints take to write and read).
+  at::ScalarType dtype = at::kFloat;
 };
 
 // Writes `dir`/config.json and the weights (created with the directory if needed).

@@ -52,6 +52,8 @@ ABSL_FLAG(int64_t, kv_cache_bytes, 0,
           "KV-cache budget in bytes; > 0 replaces --max_running_requests with what fits");
 ABSL_FLAG(int64_t, max_batch_tokens, 4096, "new tokens per forward step; longer prompts refused");
 ABSL_FLAG(int64_t, max_queued_requests, 64, "requests waiting; beyond: RESOURCE_EXHAUSTED");
+ABSL_FLAG(bool, cuda_graphs, true,
+          "decode steps through CUDA graphs on a GPU (captured per batch size and context bucket)");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "on SIGTERM / SIGINT: how long running requests may take to finish");
 ABSL_FLAG(std::string, admin_token_file, "",
@@ -102,7 +104,8 @@ absl::StatusOr<moelora::server::ServerOptions> OptionsFromFlags() {
   options.engine = {.max_running_requests = absl::GetFlag(FLAGS_max_running_requests),
                     .max_seq_len = absl::GetFlag(FLAGS_max_seq_len),
                     .max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens),
-                    .max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests)};
+                    .max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests),
+                    .cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs)};
   options.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
 
   moelora::server::StartupManifest& startup = options.startup;

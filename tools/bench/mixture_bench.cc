@@ -1,13 +1,13 @@
-// Prefill throughput of the base model, the fused single pass over K experts, and the K-pass
+// Prefill and decode of the base model, the fused single pass over K experts, and the K-pass
 // baseline (DyLoRA-MoE: one full pass per expert, logits mixed), with Google Benchmark.
 //
-// CPU (small default shape):   build/tools/bench/moelora-bench
-// GPU (Gemma-2B-like layers, as scripts/gpu-bench.sh runs it):
-//   moelora-bench --device=cuda --dtype=bf16 --hidden=2048
-//     --intermediate=16384 --heads=8 --kv_heads=1 --head_dim=256 --layers=4 --vocab=32000
-//     --rank=16 --batch=4 --seq_len=512
-// Random weights; the model and 8 rank-r experts over all seven projections are written once to
-// --work_dir. Time per iteration includes a host sync on the logits.
+// CPU (small default shape):   build/tools/moelora-bench
+// GPU (as scripts/gpu-bench.sh runs it):
+//   moelora-bench --device=cuda --dtype=bf16 --preset=gemma-2b --batch=8 --seq_len=512
+// Random weights with the shapes of --preset (or of the shape flags with --preset=custom); the
+// model (bf16 on disk for presets) and the rank-r experts over all seven projections are written
+// once to --work_dir and loaded through the real loaders. Time per iteration includes a host sync
+// on the logits. On CUDA each case also reports the allocator's peak (peak_GiB) over its run.
 
 #include <ATen/ATen.h>
 #include <benchmark/benchmark.h>
@@ -22,10 +22,20 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "core/decode_graphs.h"
+#include "core/device_memory.h"
 #include "core/mixture.h"
 #include "core/random_model.h"
 
+ABSL_FLAG(std::string, preset, "custom",
+          "model shape: gemma-2b, llama-3.2-1b, llama-3-8b, or custom (the shape flags below)");
+ABSL_FLAG(std::string, ks, "2,4,8", "expert counts K for prefill (fused and K-pass)");
+ABSL_FLAG(std::string, decode_ks, "8", "expert counts K for decode");
+ABSL_FLAG(std::string, decode_batches, "1,8,32,64", "decode batch sizes");
+ABSL_FLAG(bool, projections, true, "also time single projections (base, fused, widened)");
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda");
 ABSL_FLAG(std::string, dtype, "fp32", "fp32, bf16 or fp16");
 ABSL_FLAG(int64_t, hidden, 256, "hidden size");
@@ -33,7 +43,7 @@ ABSL_FLAG(int64_t, intermediate, 1024, "MLP intermediate size");
 ABSL_FLAG(int64_t, heads, 4, "attention heads");
 ABSL_FLAG(int64_t, kv_heads, 1, "KV heads");
 ABSL_FLAG(int64_t, head_dim, 64, "head dim");
-ABSL_FLAG(int64_t, layers, 2, "decoder layers");
+ABSL_FLAG(int64_t, layers, 0, "decoder layers; 0: the preset's (custom: 2)");
 ABSL_FLAG(int64_t, vocab, 1024, "vocabulary");
 ABSL_FLAG(int64_t, rank, 16, "LoRA rank of every expert");
 ABSL_FLAG(int64_t, batch, 2, "sequences per prefill");
@@ -45,7 +55,58 @@ ABSL_FLAG(std::string, work_dir, "/tmp/moelora-bench", "where the random model a
 namespace moelora {
 namespace {
 
-constexpr int kMaxExperts = 8;
+std::vector<int64_t> IntList(const std::string& text) {
+  std::vector<int64_t> values;
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipEmpty())) {
+    int64_t value = 0;
+    if (!absl::SimpleAtoi(part, &value) || value <= 0) {
+      std::cerr << "not a positive integer list: " << text << "\n";
+      std::exit(2);
+    }
+    values.push_back(value);
+  }
+  return values;
+}
+
+int64_t MaxExperts() {
+  int64_t most = 8;  // the projection cases use 8
+  for (int64_t k : IntList(absl::GetFlag(FLAGS_ks))) most = std::max(most, k);
+  for (int64_t k : IntList(absl::GetFlag(FLAGS_decode_ks))) most = std::max(most, k);
+  return most;
+}
+
+// Real checkpoints' shapes (weights random). Layers can be cut with --layers.
+ModelConfig PresetConfig(const std::string& preset) {
+  if (preset == "gemma-2b") {
+    ModelConfig c = TinyModelConfig(ModelType::kGemma);
+    c.hidden_size = 2048, c.intermediate_size = 16384, c.num_attention_heads = 8;
+    c.num_key_value_heads = 1, c.head_dim = 256, c.num_hidden_layers = 18, c.vocab_size = 256000;
+    c.max_position_embeddings = 8192;
+    return c;
+  }
+  if (preset == "llama-3.2-1b" || preset == "llama-3-8b") {
+    const bool small = preset == "llama-3.2-1b";
+    ModelConfig c = TinyModelConfig(ModelType::kLlama);
+    c.hidden_size = small ? 2048 : 4096, c.intermediate_size = small ? 8192 : 14336;
+    c.num_attention_heads = 32, c.num_key_value_heads = 8, c.head_dim = small ? 64 : 128;
+    c.num_hidden_layers = small ? 16 : 32, c.vocab_size = 128256;
+    c.max_position_embeddings = 8192, c.rope_theta = 500000.0, c.tie_word_embeddings = small;
+    return c;
+  }
+  if (preset != "custom") {
+    std::cerr << "unknown --preset " << preset << "\n";
+    std::exit(2);
+  }
+  ModelConfig c = TinyModelConfig(ModelType::kGemma);
+  c.hidden_size = absl::GetFlag(FLAGS_hidden);
+  c.intermediate_size = absl::GetFlag(FLAGS_intermediate);
+  c.num_attention_heads = absl::GetFlag(FLAGS_heads);
+  c.num_key_value_heads = absl::GetFlag(FLAGS_kv_heads);
+  c.head_dim = absl::GetFlag(FLAGS_head_dim);
+  c.num_hidden_layers = 2;
+  c.vocab_size = absl::GetFlag(FLAGS_vocab);
+  return c;
+}
 
 struct Setup {
   std::unique_ptr<Model> model;
@@ -68,20 +129,17 @@ void Check(const absl::Status& status) {
 }
 
 void Prepare() {
-  ModelConfig config = TinyModelConfig(ModelType::kGemma);
-  config.hidden_size = absl::GetFlag(FLAGS_hidden);
-  config.intermediate_size = absl::GetFlag(FLAGS_intermediate);
-  config.num_attention_heads = absl::GetFlag(FLAGS_heads);
-  config.num_key_value_heads = absl::GetFlag(FLAGS_kv_heads);
-  config.head_dim = absl::GetFlag(FLAGS_head_dim);
-  config.num_hidden_layers = absl::GetFlag(FLAGS_layers);
-  config.vocab_size = absl::GetFlag(FLAGS_vocab);
+  const std::string preset = absl::GetFlag(FLAGS_preset);
+  ModelConfig config = PresetConfig(preset);
+  if (absl::GetFlag(FLAGS_layers) > 0) config.num_hidden_layers = absl::GetFlag(FLAGS_layers);
   const int64_t rank = absl::GetFlag(FLAGS_rank);
   const std::string dir =
-      absl::StrCat(absl::GetFlag(FLAGS_work_dir), "/h", config.hidden_size, "_i",
+      absl::StrCat(absl::GetFlag(FLAGS_work_dir), "/", preset, "_h", config.hidden_size, "_i",
                    config.intermediate_size, "_l", config.num_hidden_layers, "_r", rank);
   if (!std::filesystem::exists(dir + "/base/config.json")) {
-    Check(WriteRandomModel(dir + "/base", config, {.seed = 1, .weight_std = 0.02}));
+    Check(WriteRandomModel(
+        dir + "/base", config,
+        {.seed = 1, .weight_std = 0.02, .dtype = preset == "custom" ? at::kFloat : at::kBFloat16}));
   }
   absl::StatusOr<LoadOptions> parsed =
       ParseLoadOptions(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_dtype));
@@ -91,11 +149,12 @@ void Prepare() {
   auto model = Model::Load(dir + "/base", options);
   Check(model.status());
   setup.model = std::move(*model);
-  auto pool = ExpertPool::Create(*setup.model, {.capacity = kMaxExperts, .max_rank = rank});
+  const int64_t max_experts = MaxExperts();
+  auto pool = ExpertPool::Create(*setup.model, {.capacity = max_experts, .max_rank = rank});
   Check(pool.status());
   setup.pool = std::move(*pool);
   setup.mixture = std::make_unique<Mixture>(*setup.model, *setup.pool);
-  for (int i = 0; i < kMaxExperts; ++i) {
+  for (int i = 0; i < max_experts; ++i) {
     const std::string expert_dir = absl::StrCat(dir, "/expert", i);
     if (!std::filesystem::exists(expert_dir + "/adapter_config.json")) {
       RandomAdapterOptions spec;
@@ -130,8 +189,28 @@ void Finish(benchmark::State& state, const at::Tensor& logits) {
   benchmark::DoNotOptimize(logits.sum().item<float>());  // waits for the device
 }
 
+// The allocator's peak over one case's run, as the counter peak_GiB (CUDA only).
+class PeakMemory {
+ public:
+  explicit PeakMemory(benchmark::State& state)
+      : state_(state), device_(Global().model->options().device) {
+    if (device_.is_cuda()) Check(ResetPeakDeviceMemory(device_));
+  }
+  ~PeakMemory() {
+    if (!device_.is_cuda()) return;
+    absl::StatusOr<DeviceMemory> memory = GetDeviceMemory(device_);
+    Check(memory.status());
+    state_.counters["peak_GiB"] = static_cast<double>(memory->peak_allocated_bytes) / (1 << 30);
+  }
+
+ private:
+  benchmark::State& state_;
+  const c10::Device device_;
+};
+
 void BM_Base(benchmark::State& state) {
   Setup& s = Global();
+  PeakMemory peak(state);
   auto cache =
       s.model->CreateKvCache(static_cast<int64_t>(s.batch.size()), absl::GetFlag(FLAGS_seq_len));
   Check(cache.status());
@@ -146,6 +225,7 @@ void BM_Base(benchmark::State& state) {
 
 void BM_Fused(benchmark::State& state, int k) {
   Setup& s = Global();
+  PeakMemory peak(state);
   const auto snapshot = FirstExperts(k);
   const at::Tensor weights = at::full({s.tokens, k}, 1.0 / k);
   auto cache =
@@ -162,6 +242,7 @@ void BM_Fused(benchmark::State& state, int k) {
 
 void BM_KPass(benchmark::State& state, int k) {
   Setup& s = Global();
+  PeakMemory peak(state);
   const auto snapshot = FirstExperts(k);
   const at::Tensor weights = at::full({static_cast<int64_t>(s.batch.size()), k}, 1.0 / k);
   for (auto _ : state) {
@@ -174,8 +255,9 @@ void BM_KPass(benchmark::State& state, int k) {
 
 // One decode step (one new token for each of `batch` sequences, each with decode_context tokens
 // already cached) of the base model (k = 0) or the fused pass over k experts with dense
-// weights: the step the serving engine runs once per generated token.
-void BM_Decode(benchmark::State& state, int64_t batch, int k) {
+// weights: the step the serving engine runs once per generated token. With `graphs`, through
+// DecodeGraphs as the engine runs it (captured at the first step, replayed after).
+void BM_Decode(benchmark::State& state, int64_t batch, int k, bool graphs) {
   Setup& s = Global();
   const int64_t context = absl::GetFlag(FLAGS_decode_context);
   const int64_t vocab = s.model->config().vocab_size;
@@ -188,14 +270,32 @@ void BM_Decode(benchmark::State& state, int64_t batch, int k) {
     prompts.push_back({b, std::move(tokens)});
     step.push_back({b, {(b * 31) % vocab}});
   }
-  Check(s.model->Forward(prompts, *cache).status());
+  // Prefill in chunks of up to 8 sequences (a 64 x 512 prompt batch is not what is timed).
+  for (size_t first = 0; first < prompts.size(); first += 8) {
+    const std::vector<SequenceInput> chunk(prompts.begin() + first,
+                                           prompts.begin() + std::min(prompts.size(), first + 8));
+    Check(s.model->Forward(chunk, *cache).status());
+  }
   const auto snapshot = k > 0 ? FirstExperts(k) : nullptr;
   const at::Tensor weights = at::full({batch, std::max(k, 1)}, 1.0 / std::max(k, 1));
+  DecodeGraphs decode_graphs(*s.model, *cache, {.max_batch = batch});
+  DecodeGraphs* use = graphs ? &decode_graphs : nullptr;
+  PeakMemory peak(state);
+  int64_t iteration = 0;
   for (auto _ : state) {
-    auto out = k > 0 ? s.mixture->ForwardWithWeights(step, *cache, snapshot, weights)
-                     : s.model->Forward(step, *cache);
+    for (int64_t b = 0; b < batch; ++b) step[b].tokens[0] = (b * 31 + iteration * 7) % vocab;
+    ++iteration;
+    absl::StatusOr<ForwardOutput> out =
+        k > 0
+            ? s.mixture->ForwardWithWeights(step, *cache, snapshot, weights, {.decode_graphs = use})
+        : use != nullptr ? use->Run(step, *cache, nullptr, nullptr, {})
+                         : s.model->Forward(step, *cache);
     Check(out.status());
     Finish(state, out->logits);
+  }
+  if (graphs) {
+    Check(decode_graphs.disabled());
+    state.counters["graph_replays"] = static_cast<double>(decode_graphs.stats().replays);
   }
   state.SetItemsProcessed(state.iterations() * batch);  // items/s = generated tokens/s
 }
@@ -210,7 +310,7 @@ void BM_Projection(benchmark::State& state, int64_t in, int64_t out, ProjectionM
   Setup& s = Global();
   const auto options =
       at::TensorOptions().dtype(s.model->options().dtype).device(s.model->options().device);
-  const int64_t tokens = s.tokens, rows = kMaxExperts * absl::GetFlag(FLAGS_rank);
+  const int64_t tokens = s.tokens, rows = 8 * absl::GetFlag(FLAGS_rank);
   const at::Tensor x = at::randn({tokens, in}, options), w = at::randn({out, in}, options);
   const at::Tensor a = at::randn({rows, in}, options) * 0.01, bt = at::randn({rows, out}, options);
   const at::Tensor widened = at::cat({w, bt.t()}, 1);  // [out, in + rows]
@@ -240,20 +340,33 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   moelora::Prepare();
   benchmark::RegisterBenchmark("prefill/base", moelora::BM_Base)->Unit(benchmark::kMillisecond);
-  for (int k : {2, 4, 8}) {
-    benchmark::RegisterBenchmark(absl::StrCat("prefill/fused/K=", k).c_str(), moelora::BM_Fused, k)
+  for (int64_t k : moelora::IntList(absl::GetFlag(FLAGS_ks))) {
+    benchmark::RegisterBenchmark(absl::StrCat("prefill/fused/K=", k).c_str(), moelora::BM_Fused,
+                                 static_cast<int>(k))
         ->Unit(benchmark::kMillisecond);
-    benchmark::RegisterBenchmark(absl::StrCat("prefill/kpass/K=", k).c_str(), moelora::BM_KPass, k)
+    benchmark::RegisterBenchmark(absl::StrCat("prefill/kpass/K=", k).c_str(), moelora::BM_KPass,
+                                 static_cast<int>(k))
         ->Unit(benchmark::kMillisecond);
   }
-  for (int64_t batch : {1, 8, 32, 64}) {
-    for (int k : {0, 8}) {
-      benchmark::RegisterBenchmark(
-          absl::StrCat("decode/", k == 0 ? "base" : "fused/K=8", "/batch=", batch).c_str(),
-          moelora::BM_Decode, batch, k)
-          ->Iterations(absl::GetFlag(FLAGS_decode_steps))
-          ->Unit(benchmark::kMillisecond);
+  std::vector<int64_t> decode_ks = {0};
+  for (int64_t k : moelora::IntList(absl::GetFlag(FLAGS_decode_ks))) decode_ks.push_back(k);
+  for (int64_t batch : moelora::IntList(absl::GetFlag(FLAGS_decode_batches))) {
+    for (int64_t k : decode_ks) {
+      for (bool graphs : {false, true}) {
+        benchmark::RegisterBenchmark(
+            absl::StrCat("decode/", k == 0 ? "base" : absl::StrCat("fused/K=", k), "/batch=", batch,
+                         graphs ? "/graph" : "/eager")
+                .c_str(),
+            moelora::BM_Decode, batch, static_cast<int>(k), graphs)
+            ->Iterations(absl::GetFlag(FLAGS_decode_steps))
+            ->Unit(benchmark::kMillisecond);
+      }
     }
+  }
+  if (!absl::GetFlag(FLAGS_projections)) {
+    benchmark::RunSpecifiedBenchmarks();
+    benchmark::Shutdown();
+    return 0;
   }
   const int64_t hidden = absl::GetFlag(FLAGS_hidden),
                 intermediate = absl::GetFlag(FLAGS_intermediate);

@@ -1,0 +1,170 @@
+#include "core/decode_graphs.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+
+namespace moelora {
+
+// One captured step: its static inputs (refilled before every replay) and its output.
+struct DecodeGraphs::Graph {
+  at::Tensor host_inputs;    // [3, batch] long, CPU: ids, slots, positions
+  at::Tensor device_inputs;  // [3, batch] long, on the model's device
+  at::Tensor weights;        // [batch, experts] fp32 on the device; undefined for the base model
+  DecodeStepInputs inputs;   // views of device_inputs
+  at::Tensor logits;         // [batch, vocab], written by every replay
+  std::unique_ptr<CapturedGraph> graph;  // null: run eagerly (eager_fallback)
+};
+
+DecodeGraphs::DecodeGraphs(const Model& model, KvCache& cache, DecodeGraphOptions options)
+    : model_(model),
+      cache_(cache),
+      options_(options),
+      use_graphs_(CudaGraphsAvailable() && model.options().device.is_cuda()) {}
+
+DecodeGraphs::~DecodeGraphs() = default;
+
+bool DecodeGraphs::Accepts(const std::vector<SequenceInput>& batch, const KvCache& cache,
+                           const ExpertPool* pool, const ExpertSnapshot* snapshot) const {
+  if (!disabled_.ok() || (!use_graphs_ && !options_.eager_fallback)) return false;
+  if (&cache != &cache_ || batch.empty() ||
+      static_cast<int64_t>(batch.size()) > options_.max_batch) {
+    return false;
+  }
+  if (snapshot != nullptr && snapshot->size() > 0 &&
+      (pool == nullptr || pool->snapshot().get() != snapshot)) {
+    return false;
+  }
+  return std::all_of(batch.begin(), batch.end(),
+                     [](const SequenceInput& seq) { return seq.tokens.size() == 1; });
+}
+
+int64_t DecodeGraphs::ContextBucket(int64_t context) const {
+  int64_t bucket = std::max<int64_t>(1, options_.min_context_bucket);
+  while (bucket < context) bucket *= 2;
+  return std::min(bucket, cache_.max_seq_len());
+}
+
+void DecodeGraphs::Clear() {
+  graphs_.clear();
+  lru_.clear();
+  snapshot_.reset();
+  have_snapshot_key_ = false;
+}
+
+DecodeGraphStats DecodeGraphs::stats() const {
+  DecodeGraphStats stats = stats_;
+  stats.graphs = static_cast<int64_t>(graphs_.size());
+  return stats;
+}
+
+absl::StatusOr<DecodeGraphs::Graph*> DecodeGraphs::FindOrCapture(
+    const Key& key, const ExpertPool* pool, const std::shared_ptr<const ExpertSnapshot>& snapshot) {
+  if (auto it = graphs_.find(key); it != graphs_.end()) {
+    lru_.remove(key);
+    lru_.push_front(key);
+    return it->second.get();
+  }
+  const auto [batch, context] = key;
+  const c10::Device device = model_.options().device;
+  auto graph = std::make_unique<Graph>();
+  graph->host_inputs = at::zeros({3, batch}, at::kLong);
+  graph->device_inputs = graph->host_inputs.to(device);
+  graph->inputs = {graph->device_inputs[0], graph->device_inputs[1], graph->device_inputs[2],
+                   context};
+  if (snapshot != nullptr) {
+    graph->weights =
+        at::zeros({batch, snapshot->size()}, at::TensorOptions().dtype(at::kFloat).device(device));
+  }
+  if (!use_graphs_) {
+    graphs_[key] = std::move(graph);  // eager fallback: nothing to capture
+  } else {
+    Graph* g = graph.get();
+    auto body = [this, g, pool, &snapshot] {
+      std::optional<MixtureDelta> delta;
+      if (snapshot != nullptr) delta.emplace(*pool, snapshot, g->weights);
+      g->logits = model_.DecodeStep(g->inputs, cache_, delta ? &*delta : nullptr);
+    };
+    // The capture's warm-up run writes this step's keys and values for real; the replay that
+    // follows writes the same ones again.
+    absl::StatusOr<std::unique_ptr<CapturedGraph>> captured =
+        CaptureGraph(device, body, memory_pool_);
+    if (!captured.ok()) {
+      disabled_ = captured.status();
+      return captured.status();
+    }
+    graph->graph = std::move(*captured);
+    ++stats_.captures;
+    graphs_[key] = std::move(graph);
+  }
+  lru_.push_front(key);
+  while (static_cast<int64_t>(lru_.size()) > std::max<int64_t>(1, options_.max_graphs)) {
+    graphs_.erase(lru_.back());
+    lru_.pop_back();
+  }
+  return graphs_[key].get();
+}
+
+absl::StatusOr<ForwardOutput> DecodeGraphs::Run(const std::vector<SequenceInput>& batch,
+                                                KvCache& cache, const ExpertPool* pool,
+                                                std::shared_ptr<const ExpertSnapshot> snapshot,
+                                                const at::Tensor& weights) {
+  if (snapshot != nullptr && snapshot->size() == 0) snapshot.reset();
+  if (!Accepts(batch, cache, pool, snapshot.get())) {
+    return absl::FailedPreconditionError("decode graphs: this step is not a graph step");
+  }
+  RETURN_IF_ERROR(model_.ValidateBatch(batch, cache));
+  const int64_t size = static_cast<int64_t>(batch.size());
+  if (snapshot != nullptr && (!weights.defined() || weights.dim() != 2 || weights.size(0) != size ||
+                              weights.size(1) != snapshot->size())) {
+    return absl::InvalidArgumentError(absl::StrCat("routing weights must be [", size, " tokens, ",
+                                                   snapshot->size(), " experts]"));
+  }
+  // Graphs pin the snapshot they were captured over: a new one replaces them all.
+  if (!have_snapshot_key_ || snapshot != snapshot_) {
+    Clear();
+    snapshot_ = snapshot;
+    have_snapshot_key_ = true;
+  }
+  int64_t context = 0;
+  for (const SequenceInput& seq : batch) context = std::max(context, cache.length(seq.slot) + 1);
+  try {
+    c10::NoGradGuard no_grad;
+    ASSIGN_OR_RETURN(Graph * graph, FindOrCapture({size, ContextBucket(context)}, pool, snapshot));
+    auto host = graph->host_inputs.accessor<int64_t, 2>();
+    for (int64_t b = 0; b < size; ++b) {
+      host[0][b] = batch[b].tokens[0];
+      host[1][b] = batch[b].slot;
+      host[2][b] = cache.length(batch[b].slot);
+    }
+    graph->device_inputs.copy_(graph->host_inputs);
+    if (snapshot != nullptr) graph->weights.copy_(weights);
+    if (graph->graph != nullptr) {
+      graph->graph->Replay();
+      ++stats_.replays;
+    } else {
+      std::optional<MixtureDelta> delta;
+      if (snapshot != nullptr) delta.emplace(*pool, snapshot, graph->weights);
+      graph->logits = model_.DecodeStep(graph->inputs, cache, delta ? &*delta : nullptr);
+      ++stats_.eager_steps;
+    }
+    ForwardOutput output;
+    // The graph's output buffer is overwritten by the next replay.
+    output.logits = graph->logits.clone();
+    output.token_offsets.resize(size + 1);
+    for (int64_t b = 0; b <= size; ++b) output.token_offsets[b] = b;
+    model_.CommitDecodeStep(batch, cache);
+    return output;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("decode step of ", size, " sequences: ", e.what_without_backtrace()));
+  }
+}
+
+}  // namespace moelora

@@ -1,0 +1,104 @@
+#ifndef MOELORA_CORE_DECODE_GRAPHS_H_
+#define MOELORA_CORE_DECODE_GRAPHS_H_
+
+// Decode steps through CUDA graphs. A decode step (one new token for every sequence) launches a
+// few hundred small kernels, and in eager libtorch the host's launch work, not the GPU, sets its
+// time. DecodeGraphs captures the step once per (batch size, context bucket, expert snapshot)
+// and replays it: the host then copies a few ids into static input buffers and launches one
+// graph.
+//
+// Shapes inside a graph are fixed, so every sequence attends over its context bucket (the next
+// power of two, from min_context_bucket up to the cache's max_seq_len) with the keys past its own
+// length masked, exactly like padding. Graphs are captured lazily, kept in a small LRU, and only
+// for the base model or for the pool's current snapshot (a step over a union of older pins runs
+// eagerly); a new snapshot drops the graphs of the old one, and with them its pin on the experts.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <list>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/cuda_graph.h"
+#include "core/expert_pool.h"
+#include "core/model.h"
+
+namespace moelora {
+
+struct DecodeGraphOptions {
+  int64_t max_batch = 64;            // larger decode steps run eagerly
+  int64_t min_context_bucket = 128;  // smallest context a graph attends over
+  int64_t max_graphs = 48;           // captured graphs kept (least recently used dropped)
+  // Where graphs are unavailable (CPU builds, CPU devices) run the same fixed-shape step eagerly
+  // instead of refusing it: lets CPU tests check the graph path's math.
+  bool eager_fallback = false;
+};
+
+struct DecodeGraphStats {
+  int64_t captures = 0;
+  int64_t replays = 0;
+  int64_t eager_steps = 0;  // fixed-shape steps run without a graph (eager_fallback)
+  int64_t graphs = 0;       // kept now
+};
+
+// Bound to one model and one KV cache (graphs hold its addresses). Not thread-safe: the thread
+// that runs forwards owns it.
+class DecodeGraphs {
+ public:
+  DecodeGraphs(const Model& model, KvCache& cache, DecodeGraphOptions options = {});
+  ~DecodeGraphs();
+  DecodeGraphs(const DecodeGraphs&) = delete;
+  DecodeGraphs& operator=(const DecodeGraphs&) = delete;
+
+  // Whether Run takes this step: every sequence brings one token, the batch fits max_batch, the
+  // step runs on `cache` over no experts or `pool`'s current snapshot, and graphs (or the eager
+  // fallback) are available and have not failed.
+  bool Accepts(const std::vector<SequenceInput>& batch, const KvCache& cache,
+               const ExpertPool* pool, const ExpertSnapshot* snapshot) const;
+
+  // One decode step of the base model (`snapshot` null or empty) or of the mixture over
+  // `snapshot` (which must be `pool`'s current one) with routing `weights` [batch,
+  // snapshot->size()] fp32 on any device. Returns last-token logits like Model::Forward and
+  // advances the cache's lengths.
+  absl::StatusOr<ForwardOutput> Run(const std::vector<SequenceInput>& batch, KvCache& cache,
+                                    const ExpertPool* pool,
+                                    std::shared_ptr<const ExpertSnapshot> snapshot,
+                                    const at::Tensor& weights);
+
+  // Drops every graph (and the snapshot pins they hold).
+  void Clear();
+  DecodeGraphStats stats() const;
+  // Set when a capture failed: graphs stay off and steps go back to the caller's eager path.
+  const absl::Status& disabled() const { return disabled_; }
+
+ private:
+  struct Graph;
+  // (batch size, context bucket)
+  using Key = std::tuple<int64_t, int64_t>;
+
+  int64_t ContextBucket(int64_t context) const;
+  absl::StatusOr<Graph*> FindOrCapture(const Key& key, const ExpertPool* pool,
+                                       const std::shared_ptr<const ExpertSnapshot>& snapshot);
+
+  const Model& model_;
+  KvCache& cache_;
+  const DecodeGraphOptions options_;
+  const bool use_graphs_;
+  // The snapshot every kept graph was captured over (null: base model graphs).
+  std::shared_ptr<const ExpertSnapshot> snapshot_;
+  bool have_snapshot_key_ = false;
+  std::map<Key, std::unique_ptr<Graph>> graphs_;
+  std::list<Key> lru_;  // most recent first
+  GraphMemoryPool memory_pool_;
+  DecodeGraphStats stats_;
+  absl::Status disabled_;
+};
+
+}  // namespace moelora
+
+#endif  // MOELORA_CORE_DECODE_GRAPHS_H_

@@ -1,0 +1,38 @@
+// Device memory counters from the CUDA caching allocator (built only against a CUDA libtorch).
+
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/util/Exception.h>
+
+#include "absl/strings/str_cat.h"
+#include "core/device_memory.h"
+
+namespace moelora {
+
+namespace allocator = c10::cuda::CUDACachingAllocator;
+
+absl::StatusOr<DeviceMemory> GetDeviceMemory(c10::Device device) {
+  if (!device.is_cuda()) return absl::InvalidArgumentError("device memory: not a CUDA device");
+  try {
+    const auto stats = allocator::getDeviceStats(device.index());
+    const auto aggregate = static_cast<size_t>(allocator::StatType::AGGREGATE);
+    return DeviceMemory{stats.allocated_bytes[aggregate].current,
+                        stats.allocated_bytes[aggregate].peak,
+                        stats.reserved_bytes[aggregate].current};
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("device memory: ", e.what_without_backtrace()));
+  }
+}
+
+absl::Status ResetPeakDeviceMemory(c10::Device device) {
+  if (!device.is_cuda()) return absl::InvalidArgumentError("device memory: not a CUDA device");
+  try {
+    c10::cuda::device_synchronize();
+    allocator::resetPeakStats(device.index());
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("device memory: ", e.what_without_backtrace()));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace moelora

@@ -1,0 +1,184 @@
+#include "core/decode_graphs.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/mixture.h"
+#include "core/random_model.h"
+#include "tests/testing/temp_dir.h"
+
+namespace moelora {
+namespace {
+
+// On the CPU, DecodeGraphs runs its fixed-shape step eagerly (eager_fallback): these tests check
+// that step's math (context buckets, masks past each sequence's length, the mixture's static
+// weights) against the ordinary forward. scripts/gpu-check.sh runs the same tests with real
+// graphs on the GPU machine.
+class DecodeGraphsTest : public testing::TestWithParam<ModelType> {
+ protected:
+  void SetUp() override {
+    const std::string base = temp_.Join("base");
+    ASSERT_TRUE(WriteRandomModel(base, TinyModelConfig(GetParam()), {.seed = 3}).ok());
+    const LoadOptions options = {.device = at::hasCUDA() ? c10::Device(c10::kCUDA, 0)
+                                                         : c10::Device(c10::kCPU)};
+    auto model = Model::Load(base, options);
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = std::move(*model);
+    auto pool = ExpertPool::Create(*model_, {.capacity = 4, .max_rank = 8});
+    ASSERT_TRUE(pool.ok()) << pool.status();
+    pool_ = std::move(*pool);
+    mixture_ = std::make_unique<Mixture>(*model_, *pool_);
+    for (int i = 0; i < 2; ++i) {
+      RandomAdapterOptions spec;
+      spec.r = 4 + 2 * i;
+      spec.target_modules = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                             "gate_proj", "up_proj", "down_proj"};
+      spec.seed = 20 + i;
+      spec.std = 0.2;
+      const std::string dir = temp_.Join(absl::StrCat("expert", i));
+      ASSERT_TRUE(WriteRandomAdapter(dir, model_->config(), spec).ok());
+      ASSERT_TRUE(mixture_->AttachExpert(absl::StrCat("expert", i), dir).ok());
+    }
+  }
+
+  // Prompts of different lengths in slots 0..n-1.
+  std::vector<SequenceInput> Prompts(int64_t n) const {
+    std::vector<SequenceInput> prompts;
+    for (int64_t b = 0; b < n; ++b) {
+      std::vector<int64_t> tokens;
+      for (int64_t t = 0; t < 2 + 3 * b; ++t) tokens.push_back((b * 13 + t * 7) % 50 + 1);
+      prompts.push_back({b, std::move(tokens)});
+    }
+    return prompts;
+  }
+
+  // Decodes `steps` tokens greedily for every prompt twice: eagerly and through DecodeGraphs.
+  // Logits must agree at every step.
+  void ExpectSameAsEager(bool mixture, int64_t batch, int64_t steps) {
+    c10::NoGradGuard no_grad;
+    auto eager_cache = model_->CreateKvCache(batch + 1, 40);
+    auto graph_cache = model_->CreateKvCache(batch + 1, 40);
+    ASSERT_TRUE(eager_cache.ok() && graph_cache.ok());
+    DecodeGraphs graphs(*model_, *graph_cache, {.min_context_bucket = 4, .eager_fallback = true});
+    const auto snapshot = mixture ? pool_->snapshot() : nullptr;
+    const std::vector<SequenceInput> prompts = Prompts(batch);
+    at::Tensor weights;
+    if (mixture) weights = at::softmax(at::randn({batch, snapshot->size()}), 1);
+    auto forward = [&](const std::vector<SequenceInput>& step, KvCache& cache,
+                       DecodeGraphs* decode_graphs) -> absl::StatusOr<ForwardOutput> {
+      if (!mixture) {
+        if (decode_graphs != nullptr) return decode_graphs->Run(step, cache, nullptr, nullptr, {});
+        return model_->Forward(step, cache);
+      }
+      int64_t tokens = 0;
+      for (const auto& seq : step) tokens += static_cast<int64_t>(seq.tokens.size());
+      at::Tensor rows = tokens == batch ? weights : weights.narrow(0, 0, 1).expand({tokens, -1});
+      return mixture_->ForwardWithWeights(step, cache, snapshot, rows.contiguous(),
+                                          {.decode_graphs = decode_graphs});
+    };
+    for (const SequenceInput& prompt : prompts) {
+      ASSERT_TRUE(forward({prompt}, *eager_cache, nullptr).ok());
+      ASSERT_TRUE(forward({prompt}, *graph_cache, nullptr).ok());
+    }
+    std::vector<SequenceInput> step;
+    for (int64_t b = 0; b < batch; ++b) step.push_back({b, {(b * 5) % 50 + 1}});
+    for (int64_t s = 0; s < steps; ++s) {
+      auto eager = forward(step, *eager_cache, nullptr);
+      auto graphed = forward(step, *graph_cache, &graphs);
+      ASSERT_TRUE(eager.ok()) << eager.status();
+      ASSERT_TRUE(graphed.ok()) << graphed.status();
+      ASSERT_EQ(graphed->logits.sizes(), eager->logits.sizes());
+      EXPECT_TRUE(at::allclose(graphed->logits.cpu(), eager->logits.cpu(), 1e-4, 1e-5))
+          << "step " << s << " max diff "
+          << (graphed->logits.cpu() - eager->logits.cpu()).abs().max().item<float>();
+      EXPECT_EQ(graphed->token_offsets.size(), static_cast<size_t>(batch + 1));
+      for (int64_t b = 0; b < batch; ++b) {
+        EXPECT_EQ(graph_cache->length(b), eager_cache->length(b));
+        step[b].tokens = {eager->logits[b].argmax().item<int64_t>()};
+      }
+    }
+    const DecodeGraphStats stats = graphs.stats();
+    EXPECT_EQ(stats.eager_steps + stats.replays, steps);
+    // Contexts from 3..11 tokens up to 3b + steps: several buckets (4, 8, 16, 32).
+    EXPECT_GE(stats.graphs, 2);
+  }
+
+  testing_support::ScopedTempDir temp_{"decode_graphs_test"};
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<ExpertPool> pool_;
+  std::unique_ptr<Mixture> mixture_;
+};
+
+TEST_P(DecodeGraphsTest, BaseStepsMatchEagerForward) { ExpectSameAsEager(false, 3, 12); }
+
+TEST_P(DecodeGraphsTest, MixtureStepsMatchEagerForward) { ExpectSameAsEager(true, 3, 12); }
+
+TEST_P(DecodeGraphsTest, SingleSequenceMatchesEagerForward) { ExpectSameAsEager(true, 1, 6); }
+
+INSTANTIATE_TEST_SUITE_P(Families, DecodeGraphsTest,
+                         testing::Values(ModelType::kLlama, ModelType::kMistral, ModelType::kQwen2,
+                                         ModelType::kGemma),
+                         [](const auto& info) { return std::string(ModelTypeName(info.param)); });
+
+class DecodeGraphsAcceptsTest : public DecodeGraphsTest {};
+
+TEST_P(DecodeGraphsAcceptsTest, OnlyDecodeStepsOnItsCacheAndCurrentSnapshot) {
+  auto cache = model_->CreateKvCache(4, 16);
+  auto other = model_->CreateKvCache(4, 16);
+  ASSERT_TRUE(cache.ok() && other.ok());
+  DecodeGraphs graphs(*model_, *cache, {.max_batch = 2, .eager_fallback = true});
+  const std::vector<SequenceInput> decode = {{0, {1}}, {1, {2}}};
+  const auto current = pool_->snapshot();
+  EXPECT_TRUE(graphs.Accepts(decode, *cache, pool_.get(), current.get()));
+  EXPECT_TRUE(graphs.Accepts(decode, *cache, nullptr, nullptr));
+  EXPECT_FALSE(graphs.Accepts({{0, {1, 2}}}, *cache, pool_.get(), current.get()));  // prefill
+  EXPECT_FALSE(graphs.Accepts(decode, *other, pool_.get(), current.get()));         // other cache
+  EXPECT_FALSE(graphs.Accepts({{0, {1}}, {1, {2}}, {2, {3}}}, *cache, nullptr, nullptr));
+  ASSERT_TRUE(mixture_->DetachExpert("expert1", false).ok());
+  EXPECT_FALSE(graphs.Accepts(decode, *cache, pool_.get(), current.get()));  // not current now
+  // Without the fallback, a CPU model has no graphs at all.
+  DecodeGraphs strict(*model_, *cache);
+  EXPECT_EQ(strict.Accepts(decode, *cache, nullptr, nullptr),
+            CudaGraphsAvailable() && model_->options().device.is_cuda());
+}
+
+TEST_P(DecodeGraphsAcceptsTest, NewSnapshotDropsGraphsAndTheirPins) {
+  c10::NoGradGuard no_grad;
+  auto cache = model_->CreateKvCache(2, 16);
+  ASSERT_TRUE(cache.ok());
+  ASSERT_TRUE(model_->Forward({{0, {3, 4}}}, *cache).ok());
+  DecodeGraphs graphs(*model_, *cache, {.eager_fallback = true});
+  auto snapshot = pool_->snapshot();
+  ASSERT_TRUE(graphs.Run({{0, {5}}}, *cache, pool_.get(), snapshot, at::full({1, 2}, 0.5)).ok());
+  EXPECT_EQ(graphs.stats().graphs, 1);
+  const int64_t free_before = pool_->free_slots();
+  ASSERT_TRUE(mixture_->DetachExpert("expert1", false).ok());
+  snapshot.reset();
+  EXPECT_EQ(pool_->free_slots(), free_before);  // the graph still pins expert1's slot
+  ASSERT_TRUE(
+      graphs.Run({{0, {6}}}, *cache, pool_.get(), pool_->snapshot(), at::ones({1, 1})).ok());
+  EXPECT_EQ(pool_->free_slots(), free_before + 1);
+  EXPECT_EQ(graphs.stats().graphs, 1);
+  EXPECT_EQ(cache->length(0), 4);
+}
+
+TEST_P(DecodeGraphsAcceptsTest, BadWeightsAreInvalidArgument) {
+  auto cache = model_->CreateKvCache(2, 16);
+  ASSERT_TRUE(cache.ok());
+  DecodeGraphs graphs(*model_, *cache, {.eager_fallback = true});
+  const auto result =
+      graphs.Run({{0, {5}}}, *cache, pool_.get(), pool_->snapshot(), at::ones({1, 3}));
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cache->length(0), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Llama, DecodeGraphsAcceptsTest, testing::Values(ModelType::kLlama));
+
+}  // namespace
+}  // namespace moelora
