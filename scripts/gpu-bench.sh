@@ -1,13 +1,101 @@
 #!/usr/bin/env bash
-# On the GPU machine (after scripts/gpu-check.sh built build-gpu/): prefill of base, fused single
-# pass and K-pass baseline at K = 2, 4, 8 on Gemma-2B-like layers (hidden 2048, intermediate
-# 16384, MQA with head_dim 256, r = 16 on all seven projections), bf16. Numbers go to
-# docs/BENCHMARKS.md.
+# The GPU performance harness (issue 7): builds, checks and times everything in one device call
+# and prints one table. Run from the repo root through the device tool, carrying .device-deps:
+#   bash scripts/gpu-bench.sh                  # results under $OUT (else build-gpu/bench)
+# Steps, each logged to its own file:
+#   1. build moelora-bench, moelora-server, moelora-loadgen and decode_graphs_test (CUDA libtorch)
+#      and run decode_graphs_test: graph replays must equal eager steps before anything is timed;
+#   2. moelora-bench on every preset (random weights, real shapes, bf16 HF checkpoints and r = 16
+#      PEFT experts written once, loaded through the real loaders): prefill base / fused / K-pass,
+#      decode eager and through CUDA graphs at batch 1/8/32/64, peak device memory;
+#   3. tools/bench/hf_peer.py on the same Gemma-2B checkpoint and experts: HF transformers base,
+#      one PEFT adapter, the K-pass method through PEFT, PEFT's all-adapters loop, PEFT X-LoRA;
+#   4. the real daemon on that checkpoint with K = 8 experts: moelora-loadgen with concurrent
+#      clients (time to first token, tokens/s), base routing and all 8 experts mixed, then while
+#      an r = 16 expert is attached and detached over and over (attach latency, token gaps);
+#   5. tools/bench/report.py: the table, with the issue's targets checked.
+# Knobs: BENCH_PRESETS (default "gemma-2b llama-3.2-1b llama-3-8b"), BENCH_8B_LAYERS (default 32),
+# BENCH_SKIP_PEER=1, BENCH_SKIP_SERVER=1.
 set -uo pipefail
 source .device-deps/env.sh
-log_dir=${OUT:-build-gpu}
-./build-gpu/tools/moelora-bench --device=cuda --dtype=bf16 --hidden=2048 --intermediate=16384 \
-  --heads=8 --kv_heads=1 --head_dim=256 --layers=${BENCH_LAYERS:-4} --vocab=32000 --rank=16 \
-  --batch=${BENCH_BATCH:-4} --seq_len=${BENCH_SEQ_LEN:-512} --work_dir=/tmp/moelora-bench \
-  --benchmark_min_time=1 --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
-  --benchmark_out="$log_dir/gpu-bench.json" --benchmark_out_format=json 2>&1 | tee "$log_dir/gpu-bench.txt"
+out=${OUT:-build-gpu/bench}
+mkdir -p "$out"
+work=/tmp/moelora-bench
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
+  git rev-parse --short HEAD 2>/dev/null || echo "commit: see the copy's git log"
+} | tee "$out/info.txt"
+
+# 1. Build and check.
+cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DMOELORA_BUILD_TESTS=ON > "$out/configure.log" 2>&1 \
+  || { tail -30 "$out/configure.log"; exit 1; }
+cmake --build build-gpu -j "$(nproc)" --target moelora-bench moelora-server moelora-loadgen \
+  decode_graphs_test > "$out/build.log" 2>&1 || { grep -E 'error' "$out/build.log" | head -30; exit 1; }
+./build-gpu/tests/core/decode_graphs_test > "$out/decode_graphs_test.log" 2>&1 \
+  || { tail -30 "$out/decode_graphs_test.log"; exit 1; }
+tail -1 "$out/decode_graphs_test.log"
+
+# 2. moelora-bench per preset.
+for preset in ${BENCH_PRESETS:-gemma-2b llama-3.2-1b llama-3-8b}; do
+  layers=0
+  ks="2,4,8,16"
+  if [ "$preset" = llama-3-8b ]; then layers=${BENCH_8B_LAYERS:-32}; ks="8"; fi
+  echo "== moelora-bench $preset" | tee -a "$out/progress.txt"
+  ./build-gpu/tools/moelora-bench --preset="$preset" --layers="$layers" --device=cuda --dtype=bf16 \
+    --rank=16 --batch=8 --seq_len=512 --ks="$ks" --decode_ks=8,16 --decode_batches=1,8,32,64 \
+    --decode_context=512 --decode_steps=64 --projections=false --work_dir="$work" \
+    --benchmark_min_time=0.5 --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true \
+    --benchmark_report_aggregates_only=true \
+    --benchmark_out="$out/bench-$preset.json" --benchmark_out_format=json > "$out/bench-$preset.log" 2>&1 \
+    || { tail -20 "$out/bench-$preset.log"; exit 1; }
+done
+
+gemma_dir=$(ls -d "$work"/gemma-2b_* 2>/dev/null | head -1)
+# 3. The HF + PEFT peer on the same checkpoint and experts.
+if [ -z "${BENCH_SKIP_PEER:-}" ] && [ -n "$gemma_dir" ]; then
+  echo "== hf_peer" | tee -a "$out/progress.txt"
+  adapters=$(ls -d "$gemma_dir"/expert* | sort -V | head -16 | paste -sd, -)
+  python3 tools/bench/hf_peer.py --model_dir="$gemma_dir/base" --adapter_dirs="$adapters" \
+    --ks=2,4,8,16 --prefill_batch=8 --prefill_len=512 --decode_batches=1,8,32,64 \
+    --decode_context=512 --decode_steps=64 --json_out="$out/hf-gemma-2b.json" \
+    > "$out/hf_peer.log" 2>&1 || tail -20 "$out/hf_peer.log"
+fi
+
+# 4. The daemon through moelora-loadgen.
+if [ -z "${BENCH_SKIP_SERVER:-}" ] && [ -n "$gemma_dir" ]; then
+  echo "== server" | tee -a "$out/progress.txt"
+  experts="" weights=""
+  for i in 0 1 2 3 4 5 6 7; do
+    experts="${experts:+$experts,}expert$i=$gemma_dir/expert$i"
+    weights="${weights:+$weights,}expert$i:0.125"
+  done
+  ./build-gpu/server/moelora-server --model_dir="$gemma_dir/base" --device=cuda --dtype=bf16 \
+    --experts="$experts" --pool_capacity=16 --pool_max_rank=16 --max_running_requests=64 \
+    --max_seq_len=1024 --listen=127.0.0.1:50071 --admin_listen=127.0.0.1:50072 \
+    --tokenizer=none --log_requests=false > "$out/server.log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 1 240); do
+    ./build-gpu/tools/loadgen/moelora-loadgen --address=127.0.0.1:50071 --clients=1 --requests=1 \
+      --max_tokens=1 --prompt_tokens=4 > /dev/null 2>&1 && break
+    sleep 1
+  done
+  load() {  # name, then loadgen flags
+    local name=$1; shift
+    ./build-gpu/tools/loadgen/moelora-loadgen --address=127.0.0.1:50071 \
+      --admin_address=127.0.0.1:50072 --prompt_tokens=512 --max_tokens=128 --warmup_requests=1 \
+      --json_out="$out/server-$name.json" "$@" > "$out/server-$name.log" 2>&1 \
+      || tail -5 "$out/server-$name.log"
+  }
+  for clients in 1 8 32; do
+    load "base-c$clients" --clients=$clients --requests=3
+    load "fused8-c$clients" --clients=$clients --requests=3 --weights="$weights"
+  done
+  load attach --clients=8 --duration_s=20 --weights="$weights" \
+    --attach_dir="$gemma_dir/expert15" --attach_cycles=20 --attach_interval_ms=500
+  kill -TERM $server_pid; wait $server_pid
+  echo "server exit $?" >> "$out/server.log"
+fi
+
+# 5. The table.
+python3 tools/bench/report.py "$out" | tee "$out/report.md"

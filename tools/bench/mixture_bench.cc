@@ -208,9 +208,20 @@ class PeakMemory {
   const c10::Device device_;
 };
 
+// Bytes of the first k experts' A and B on the device (their rank rows).
+int64_t AdapterBytes(int64_t k) {
+  int64_t bytes = 0;
+  const std::vector<ExpertInfo> experts = Global().pool->List();
+  for (int64_t i = 0; i < k && i < static_cast<int64_t>(experts.size()); ++i) {
+    bytes += experts[i].device_bytes;
+  }
+  return bytes;
+}
+
 void BM_Base(benchmark::State& state) {
   Setup& s = Global();
   PeakMemory peak(state);
+  state.counters["weight_bytes"] = static_cast<double>(s.model->parameter_bytes());
   auto cache =
       s.model->CreateKvCache(static_cast<int64_t>(s.batch.size()), absl::GetFlag(FLAGS_seq_len));
   Check(cache.status());
@@ -226,6 +237,7 @@ void BM_Base(benchmark::State& state) {
 void BM_Fused(benchmark::State& state, int k) {
   Setup& s = Global();
   PeakMemory peak(state);
+  state.counters["adapter_bytes"] = static_cast<double>(AdapterBytes(k));
   const auto snapshot = FirstExperts(k);
   const at::Tensor weights = at::full({s.tokens, k}, 1.0 / k);
   auto cache =
@@ -300,6 +312,21 @@ void BM_Decode(benchmark::State& state, int64_t batch, int k, bool graphs) {
   state.SetItemsProcessed(state.iterations() * batch);  // items/s = generated tokens/s
 }
 
+// Device-to-device copy of 1 GiB: the bandwidth behind the decode step's weight-read floor
+// (weight bytes / this).
+void BM_Copy(benchmark::State& state) {
+  const auto options =
+      at::TensorOptions().dtype(at::kByte).device(Global().model->options().device);
+  const at::Tensor source = at::empty({int64_t{1} << 30}, options);
+  at::Tensor target = at::empty_like(source);
+  for (auto _ : state) {
+    target.copy_(source);
+    benchmark::DoNotOptimize(target[0].item<uint8_t>());  // waits for the copy
+  }
+  state.SetBytesProcessed(state.iterations() * 2 * source.numel());  // read + write
+  state.counters["weight_bytes"] = static_cast<double>(Global().model->parameter_bytes());
+}
+
 // One projection alone, base vs base + fused delta (n·R = 8·16 rank rows): where the fused pass
 // spends its time, shape by shape.
 enum class ProjectionMode { kBase, kFused, kWidened };
@@ -340,6 +367,7 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   moelora::Prepare();
   benchmark::RegisterBenchmark("prefill/base", moelora::BM_Base)->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("copy/1GiB", moelora::BM_Copy)->Unit(benchmark::kMillisecond);
   for (int64_t k : moelora::IntList(absl::GetFlag(FLAGS_ks))) {
     benchmark::RegisterBenchmark(absl::StrCat("prefill/fused/K=", k).c_str(), moelora::BM_Fused,
                                  static_cast<int>(k))
@@ -353,6 +381,10 @@ int main(int argc, char** argv) {
   for (int64_t batch : moelora::IntList(absl::GetFlag(FLAGS_decode_batches))) {
     for (int64_t k : decode_ks) {
       for (bool graphs : {false, true}) {
+        if (graphs && !(moelora::CudaGraphsAvailable() &&
+                        moelora::Global().model->options().device.is_cuda())) {
+          continue;  // no CUDA graphs on this build or device
+        }
         benchmark::RegisterBenchmark(
             absl::StrCat("decode/", k == 0 ? "base" : absl::StrCat("fused/K=", k), "/batch=", batch,
                          graphs ? "/graph" : "/eager")
