@@ -1,6 +1,7 @@
 #include "core/decode_graphs.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>

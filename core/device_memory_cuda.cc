@@ -15,10 +15,10 @@ absl::StatusOr<DeviceMemory> GetDeviceMemory(c10::Device device) {
   if (!device.is_cuda()) return absl::InvalidArgumentError("device memory: not a CUDA device");
   try {
     const auto stats = allocator::getDeviceStats(device.index());
-    const auto aggregate = static_cast<size_t>(allocator::StatType::AGGREGATE);
-    return DeviceMemory{stats.allocated_bytes[aggregate].current,
-                        stats.allocated_bytes[aggregate].peak,
-                        stats.reserved_bytes[aggregate].current};
+    constexpr size_t kAggregate = 0;  // StatType::AGGREGATE (its namespace moved across versions)
+    return DeviceMemory{stats.allocated_bytes[kAggregate].current,
+                        stats.allocated_bytes[kAggregate].peak,
+                        stats.reserved_bytes[kAggregate].current};
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("device memory: ", e.what_without_backtrace()));
   }

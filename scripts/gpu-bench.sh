@@ -14,13 +14,17 @@
 #      clients (time to first token, tokens/s), base routing and all 8 experts mixed, then while
 #      an r = 16 expert is attached and detached over and over (attach latency, token gaps);
 #   5. tools/bench/report.py: the table, with the issue's targets checked.
-# Knobs: BENCH_PRESETS (default "gemma-2b llama-3.2-1b llama-3-8b"), BENCH_8B_LAYERS (default 32),
-# BENCH_SKIP_PEER=1, BENCH_SKIP_SERVER=1.
+# The whole run takes longer than one 10-minute device call: BENCH_STAGES picks stages (default
+# "build bench peer server report"; build always runs first, and is quick on a warm machine whose
+# build-gpu/ is still there). Other knobs: BENCH_PRESETS (default "gemma-2b llama-3.2-1b
+# llama-3-8b"), BENCH_8B_LAYERS (default 32).
 set -uo pipefail
 source .device-deps/env.sh
 out=${OUT:-build-gpu/bench}
+stages=" ${BENCH_STAGES:-build bench peer server report} "
+stage() { [[ "$stages" == *" $1 "* ]]; }
 mkdir -p "$out"
-work=/tmp/moelora-bench
+work=build-gpu/bench-work  # kept with build-gpu/ on a warm machine
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
@@ -37,7 +41,7 @@ cmake --build build-gpu -j "$(nproc)" --target moelora-bench moelora-server moel
 tail -1 "$out/decode_graphs_test.log"
 
 # 2. moelora-bench per preset.
-for preset in ${BENCH_PRESETS:-gemma-2b llama-3.2-1b llama-3-8b}; do
+stage bench && for preset in ${BENCH_PRESETS:-gemma-2b llama-3.2-1b llama-3-8b}; do
   layers=0
   ks="2,4,8,16"
   if [ "$preset" = llama-3-8b ]; then layers=${BENCH_8B_LAYERS:-32}; ks="8"; fi
@@ -53,17 +57,18 @@ done
 
 gemma_dir=$(ls -d "$work"/gemma-2b_* 2>/dev/null | head -1)
 # 3. The HF + PEFT peer on the same checkpoint and experts.
-if [ -z "${BENCH_SKIP_PEER:-}" ] && [ -n "$gemma_dir" ]; then
+if stage peer && [ -n "$gemma_dir" ]; then
   echo "== hf_peer" | tee -a "$out/progress.txt"
   adapters=$(ls -d "$gemma_dir"/expert* | sort -V | head -16 | paste -sd, -)
   python3 tools/bench/hf_peer.py --model_dir="$gemma_dir/base" --adapter_dirs="$adapters" \
-    --ks=2,4,8,16 --prefill_batch=8 --prefill_len=512 --decode_batches=1,8,32,64 \
-    --decode_context=512 --decode_steps=64 --json_out="$out/hf-gemma-2b.json" \
+    --ks=2,4,8 --prefill_batch=8 --prefill_len=512 --decode_batches=1,8,32,64 \
+    --decode_context=512 --decode_steps=32 --reps=5 --decode_reps=2 --time_budget_s=480 \
+    --json_out="$out/hf-gemma-2b.json" \
     > "$out/hf_peer.log" 2>&1 || tail -20 "$out/hf_peer.log"
 fi
 
 # 4. The daemon through moelora-loadgen.
-if [ -z "${BENCH_SKIP_SERVER:-}" ] && [ -n "$gemma_dir" ]; then
+if stage server && [ -n "$gemma_dir" ]; then
   echo "== server" | tee -a "$out/progress.txt"
   experts="" weights=""
   for i in 0 1 2 3 4 5 6 7; do
@@ -97,5 +102,5 @@ if [ -z "${BENCH_SKIP_SERVER:-}" ] && [ -n "$gemma_dir" ]; then
   echo "server exit $?" >> "$out/server.log"
 fi
 
-# 5. The table.
-python3 tools/bench/report.py "$out" | tee "$out/report.md"
+# 5. The table (of whatever $out holds: pass one folder holding every stage's files).
+stage report && python3 tools/bench/report.py "$out" | tee "$out/report.md"
