@@ -65,13 +65,15 @@ DecodeGraphStats DecodeGraphs::stats() const {
   return stats;
 }
 
-absl::StatusOr<DecodeGraphs::Graph*> DecodeGraphs::FindOrCapture(
-    const Key& key, const ExpertPool* pool, const std::shared_ptr<const ExpertSnapshot>& snapshot) {
-  if (auto it = graphs_.find(key); it != graphs_.end()) {
-    lru_.remove(key);
-    lru_.push_front(key);
-    return it->second.get();
-  }
+DecodeGraphs::Graph* DecodeGraphs::Find(const Key& key) {
+  auto it = graphs_.find(key);
+  if (it == graphs_.end()) return nullptr;
+  lru_.remove(key);
+  lru_.push_front(key);
+  return it->second.get();
+}
+
+DecodeGraphs::Graph* DecodeGraphs::Add(const Key& key, int64_t experts) {
   const auto [batch, context] = key;
   const c10::Device device = model_.options().device;
   auto graph = std::make_unique<Graph>();
@@ -79,37 +81,41 @@ absl::StatusOr<DecodeGraphs::Graph*> DecodeGraphs::FindOrCapture(
   graph->device_inputs = graph->host_inputs.to(device);
   graph->inputs = {graph->device_inputs[0], graph->device_inputs[1], graph->device_inputs[2],
                    context};
-  if (snapshot != nullptr) {
+  if (experts > 0) {
     graph->weights =
-        at::zeros({batch, snapshot->size()}, at::TensorOptions().dtype(at::kFloat).device(device));
+        at::zeros({batch, experts}, at::TensorOptions().dtype(at::kFloat).device(device));
   }
-  if (!use_graphs_) {
-    graphs_[key] = std::move(graph);  // eager fallback: nothing to capture
-  } else {
-    Graph* g = graph.get();
-    auto body = [this, g, pool, &snapshot] {
-      std::optional<MixtureDelta> delta;
-      if (snapshot != nullptr) delta.emplace(*pool, snapshot, g->weights);
-      g->logits = model_.DecodeStep(g->inputs, cache_, delta ? &*delta : nullptr);
-    };
-    // The capture's warm-up run writes this step's keys and values for real; the replay that
-    // follows writes the same ones again.
-    absl::StatusOr<std::unique_ptr<CapturedGraph>> captured =
-        CaptureGraph(device, body, memory_pool_);
-    if (!captured.ok()) {
-      disabled_ = captured.status();
-      return captured.status();
-    }
-    graph->graph = std::move(*captured);
-    ++stats_.captures;
-    graphs_[key] = std::move(graph);
-  }
+  Graph* added = graph.get();
+  graphs_[key] = std::move(graph);
   lru_.push_front(key);
   while (static_cast<int64_t>(lru_.size()) > std::max<int64_t>(1, options_.max_graphs)) {
     graphs_.erase(lru_.back());
     lru_.pop_back();
   }
-  return graphs_[key].get();
+  return added;
+}
+
+absl::Status DecodeGraphs::Capture(const Key& key, Graph& graph, KvCache& cache,
+                                   const ExpertPool* pool,
+                                   const std::shared_ptr<const ExpertSnapshot>& snapshot) {
+  auto body = [this, &graph, &cache, pool, &snapshot] {
+    std::optional<MixtureDelta> delta;
+    if (snapshot != nullptr) delta.emplace(*pool, snapshot, graph.weights);
+    graph.logits = model_.DecodeStep(graph.inputs, cache, delta ? &*delta : nullptr);
+  };
+  // The capture's warm-up run is a real step over the inputs already in place: it writes this
+  // step's keys and values, and the replay that follows writes the same ones again.
+  absl::StatusOr<std::unique_ptr<CapturedGraph>> captured =
+      CaptureGraph(model_.options().device, body, memory_pool_);
+  if (!captured.ok()) {
+    disabled_ = captured.status();
+    graphs_.erase(key);
+    lru_.remove(key);
+    return captured.status();
+  }
+  graph.graph = std::move(*captured);
+  ++stats_.captures;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<ForwardOutput> DecodeGraphs::Run(const std::vector<SequenceInput>& batch,
@@ -137,7 +143,10 @@ absl::StatusOr<ForwardOutput> DecodeGraphs::Run(const std::vector<SequenceInput>
   for (const SequenceInput& seq : batch) context = std::max(context, cache.length(seq.slot) + 1);
   try {
     c10::NoGradGuard no_grad;
-    ASSIGN_OR_RETURN(Graph * graph, FindOrCapture({size, ContextBucket(context)}, pool, snapshot));
+    const Key key = {size, ContextBucket(context)};
+    Graph* graph = Find(key);
+    const bool fresh = graph == nullptr;
+    if (fresh) graph = Add(key, snapshot != nullptr ? snapshot->size() : 0);
     auto host = graph->host_inputs.accessor<int64_t, 2>();
     for (int64_t b = 0; b < size; ++b) {
       host[0][b] = batch[b].tokens[0];
@@ -146,6 +155,7 @@ absl::StatusOr<ForwardOutput> DecodeGraphs::Run(const std::vector<SequenceInput>
     }
     graph->device_inputs.copy_(graph->host_inputs);
     if (snapshot != nullptr) graph->weights.copy_(weights);
+    if (fresh && use_graphs_) RETURN_IF_ERROR(Capture(key, *graph, cache, pool, snapshot));
     if (graph->graph != nullptr) {
       graph->graph->Replay();
       ++stats_.replays;

@@ -64,7 +64,8 @@ class DecodeGraphs {
   // One decode step of the base model (`snapshot` null or empty) or of the mixture over
   // `snapshot` (which must be `pool`'s current one) with routing `weights` [batch,
   // snapshot->size()] fp32 on any device. Returns last-token logits like Model::Forward and
-  // advances the cache's lengths.
+  // advances the cache's lengths. When a capture fails, returns its error and turns graphs off
+  // (disabled()); the cache's lengths are unchanged and the caller can run the step eagerly.
   absl::StatusOr<ForwardOutput> Run(const std::vector<SequenceInput>& batch, KvCache& cache,
                                     const ExpertPool* pool,
                                     std::shared_ptr<const ExpertSnapshot> snapshot,
@@ -82,8 +83,12 @@ class DecodeGraphs {
   using Key = std::tuple<int64_t, int64_t>;
 
   int64_t ContextBucket(int64_t context) const;
-  absl::StatusOr<Graph*> FindOrCapture(const Key& key, const ExpertPool* pool,
-                                       const std::shared_ptr<const ExpertSnapshot>& snapshot);
+  Graph* Find(const Key& key);  // and marks it most recently used
+  // A new entry with its static inputs (evicting the least recently used beyond max_graphs).
+  Graph* Add(const Key& key, int64_t experts);
+  // Captures `graph` over the inputs it holds now; on failure drops it and disables graphs.
+  absl::Status Capture(const Key& key, Graph& graph, KvCache& cache, const ExpertPool* pool,
+                       const std::shared_ptr<const ExpertSnapshot>& snapshot);
 
   const Model& model_;
   KvCache& cache_;

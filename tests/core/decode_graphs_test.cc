@@ -155,14 +155,16 @@ TEST_P(DecodeGraphsAcceptsTest, NewSnapshotDropsGraphsAndTheirPins) {
   ASSERT_TRUE(model_->Forward({{0, {3, 4}}}, *cache).ok());
   DecodeGraphs graphs(*model_, *cache, {.eager_fallback = true});
   auto snapshot = pool_->snapshot();
-  ASSERT_TRUE(graphs.Run({{0, {5}}}, *cache, pool_.get(), snapshot, at::full({1, 2}, 0.5)).ok());
+  const auto first = graphs.Run({{0, {5}}}, *cache, pool_.get(), snapshot, at::full({1, 2}, 0.5));
+  ASSERT_TRUE(first.ok()) << first.status();
   EXPECT_EQ(graphs.stats().graphs, 1);
   const int64_t free_before = pool_->free_slots();
   ASSERT_TRUE(mixture_->DetachExpert("expert1", false).ok());
   snapshot.reset();
   EXPECT_EQ(pool_->free_slots(), free_before);  // the graph still pins expert1's slot
-  ASSERT_TRUE(
-      graphs.Run({{0, {6}}}, *cache, pool_.get(), pool_->snapshot(), at::ones({1, 1})).ok());
+  const auto second =
+      graphs.Run({{0, {6}}}, *cache, pool_.get(), pool_->snapshot(), at::ones({1, 1}));
+  ASSERT_TRUE(second.ok()) << second.status();
   EXPECT_EQ(pool_->free_slots(), free_before + 1);
   EXPECT_EQ(graphs.stats().graphs, 1);
   EXPECT_EQ(cache->length(0), 4);
