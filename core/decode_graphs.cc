@@ -55,6 +55,8 @@ int64_t DecodeGraphs::ContextBucket(int64_t context) const {
 void DecodeGraphs::Clear() {
   graphs_.clear();
   lru_.clear();
+  // The allocator releases a graph pool with its last graph; later captures need a new one.
+  memory_pool_ = {};
   snapshot_.reset();
   have_snapshot_key_ = false;
 }
