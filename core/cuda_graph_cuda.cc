@@ -2,6 +2,7 @@
 
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -33,6 +34,7 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureGraph(c10::Device device,
     return absl::InvalidArgumentError(
         absl::StrCat("CUDA graphs need a CUDA device, not ", device.str()));
   }
+  if (!device.has_index()) device = c10::Device(c10::kCUDA, c10::cuda::current_device());
   bool capturing = false;
   auto graph = std::make_unique<CudaCapturedGraph>();
   try {

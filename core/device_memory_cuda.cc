@@ -11,10 +11,17 @@ namespace moelora {
 
 namespace allocator = c10::cuda::CUDACachingAllocator;
 
+namespace {
+// "cuda" without an index means the current device.
+c10::DeviceIndex IndexOf(c10::Device device) {
+  return device.has_index() ? device.index() : c10::cuda::current_device();
+}
+}  // namespace
+
 absl::StatusOr<DeviceMemory> GetDeviceMemory(c10::Device device) {
   if (!device.is_cuda()) return absl::InvalidArgumentError("device memory: not a CUDA device");
   try {
-    const auto stats = allocator::getDeviceStats(device.index());
+    const auto stats = allocator::getDeviceStats(IndexOf(device));
     constexpr size_t kAggregate = 0;  // StatType::AGGREGATE (its namespace moved across versions)
     return DeviceMemory{stats.allocated_bytes[kAggregate].current,
                         stats.allocated_bytes[kAggregate].peak,
@@ -28,7 +35,7 @@ absl::Status ResetPeakDeviceMemory(c10::Device device) {
   if (!device.is_cuda()) return absl::InvalidArgumentError("device memory: not a CUDA device");
   try {
     c10::cuda::device_synchronize();
-    allocator::resetPeakStats(device.index());
+    allocator::resetPeakStats(IndexOf(device));
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("device memory: ", e.what_without_backtrace()));
   }
