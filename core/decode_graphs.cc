@@ -39,7 +39,7 @@ bool DecodeGraphs::Accepts(const std::vector<SequenceInput>& batch, const KvCach
     return false;
   }
   if (snapshot != nullptr && snapshot->size() > 0 &&
-      (pool == nullptr || pool->snapshot().get() != snapshot)) {
+      (pool == nullptr || (options_.current_snapshot_only && pool->snapshot().get() != snapshot))) {
     return false;
   }
   return std::all_of(batch.begin(), batch.end(),

@@ -34,6 +34,10 @@ struct DecodeGraphOptions {
   int64_t max_batch = 64;            // larger decode steps run eagerly
   int64_t min_context_bucket = 128;  // smallest context a graph attends over
   int64_t max_graphs = 48;           // captured graphs kept (least recently used dropped)
+  // Take only steps over the pool's current snapshot (the engine: a union of older pins is a new
+  // snapshot every step and would be captured every step). Off for callers that keep one
+  // snapshot of their own, such as a benchmark over a subset of the experts.
+  bool current_snapshot_only = true;
   // Where graphs are unavailable (CPU builds, CPU devices) run the same fixed-shape step eagerly
   // instead of refusing it: lets CPU tests check the graph path's math.
   bool eager_fallback = false;
@@ -56,8 +60,8 @@ class DecodeGraphs {
   DecodeGraphs& operator=(const DecodeGraphs&) = delete;
 
   // Whether Run takes this step: every sequence brings one token, the batch fits max_batch, the
-  // step runs on `cache` over no experts or `pool`'s current snapshot, and graphs (or the eager
-  // fallback) are available and have not failed.
+  // step runs on `cache` over no experts or `pool`'s current snapshot (any snapshot without
+  // current_snapshot_only), and graphs (or the eager fallback) are available and have not failed.
   bool Accepts(const std::vector<SequenceInput>& batch, const KvCache& cache,
                const ExpertPool* pool, const ExpertSnapshot* snapshot) const;
 

@@ -17,7 +17,8 @@
 # The whole run takes longer than one 10-minute device call: BENCH_STAGES picks stages (default
 # "build bench peer server report"; build always runs first, and is quick on a warm machine whose
 # build-gpu/ is still there). Other knobs: BENCH_PRESETS (default "gemma-2b llama-3.2-1b
-# llama-3-8b"), BENCH_8B_LAYERS (default 32).
+# llama-3-8b"), BENCH_8B_LAYERS (default 32), BENCH_FILTER (a --benchmark_filter regex),
+# PEER_BUDGET_S (hf_peer.py's time budget, default 480).
 set -uo pipefail
 source .device-deps/env.sh
 out=${OUT:-build-gpu/bench}
@@ -51,7 +52,7 @@ stage bench && for preset in ${BENCH_PRESETS:-gemma-2b llama-3.2-1b llama-3-8b};
     --decode_context=512 --decode_steps=64 --projections=false --work_dir="$work" \
     --benchmark_min_time=0.5 --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true \
     --benchmark_report_aggregates_only=true \
-    --benchmark_out="$out/bench-$preset.json" --benchmark_out_format=json > "$out/bench-$preset.log" 2>&1 \
+    --benchmark_filter="${BENCH_FILTER:-.}" --benchmark_out="$out/bench-$preset.json" --benchmark_out_format=json > "$out/bench-$preset.log" 2>&1 \
     || { tail -20 "$out/bench-$preset.log"; exit 1; }
 done
 
@@ -62,7 +63,7 @@ if stage peer && [ -n "$gemma_dir" ]; then
   adapters=$(ls -d "$gemma_dir"/expert* | sort -V | head -16 | paste -sd, -)
   python3 tools/bench/hf_peer.py --model_dir="$gemma_dir/base" --adapter_dirs="$adapters" \
     --ks=2,4,8 --prefill_batch=8 --prefill_len=512 --decode_batches=1,8,32,64 \
-    --decode_context=512 --decode_steps=32 --reps=5 --decode_reps=2 --time_budget_s=480 \
+    --decode_context=512 --decode_steps=32 --reps=5 --decode_reps=2 --time_budget_s="${PEER_BUDGET_S:-480}" \
     --json_out="$out/hf-gemma-2b.json" \
     > "$out/hf_peer.log" 2>&1 || tail -20 "$out/hf_peer.log"
 fi

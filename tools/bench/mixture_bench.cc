@@ -290,7 +290,8 @@ void BM_Decode(benchmark::State& state, int64_t batch, int k, bool graphs) {
   }
   const auto snapshot = k > 0 ? FirstExperts(k) : nullptr;
   const at::Tensor weights = at::full({batch, std::max(k, 1)}, 1.0 / std::max(k, 1));
-  DecodeGraphs decode_graphs(*s.model, *cache, {.max_batch = batch});
+  DecodeGraphs decode_graphs(*s.model, *cache,
+                             {.max_batch = batch, .current_snapshot_only = false});
   DecodeGraphs* use = graphs ? &decode_graphs : nullptr;
   PeakMemory peak(state);
   int64_t iteration = 0;
@@ -307,6 +308,10 @@ void BM_Decode(benchmark::State& state, int64_t batch, int k, bool graphs) {
   }
   if (graphs) {
     Check(decode_graphs.disabled());
+    if (decode_graphs.stats().replays == 0) {
+      std::cerr << "decode through graphs replayed no graph\n";
+      std::exit(1);
+    }
     state.counters["graph_replays"] = static_cast<double>(decode_graphs.stats().replays);
   }
   state.SetItemsProcessed(state.iterations() * batch);  // items/s = generated tokens/s
