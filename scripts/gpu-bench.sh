@@ -29,7 +29,7 @@ work=build-gpu/bench-work  # kept with build-gpu/ on a warm machine
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
-  git rev-parse --short HEAD 2>/dev/null || echo "commit: see the copy's git log"
+  echo "commit ${MOELORA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)} (pass MOELORA_COMMIT: the device copy's .git may be stale)"
 } | tee "$out/info.txt"
 
 # 1. Build and check.

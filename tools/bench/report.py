@@ -117,12 +117,15 @@ def main():
         lines.append("| --- | --- | --- | --- | --- | --- | --- |")
         for case in hf.get("cases", []):
             key = (case.get("case"), case.get("K"), case.get("phase"), case.get("batch"))
+            if case.get("top_k"):  # X-LoRA's top-k run, beside its dense run
+                key = (f"{case.get('case')} top-{case['top_k']}",) + key[1:]
             hf_cases[key] = case
+            label = key[0]
             if "error" in case:
-                lines.append(f"| {case.get('case')} | {case.get('K')} | {case.get('phase')} | "
+                lines.append(f"| {label} | {case.get('K')} | {case.get('phase')} | "
                              f"{case.get('batch')} | error: {str(case['error'])[:80]} | | |")
                 continue
-            lines.append(f"| {case.get('case')} | {case.get('K', '')} | {case.get('phase')} | "
+            lines.append(f"| {label} | {case.get('K', '')} | {case.get('phase')} | "
                          f"{case.get('batch')} | {fmt(case.get('ms'))} | {fmt(case.get('tok_s'), 0)} | "
                          f"{fmt(case.get('peak_gib'))} |")
         lines.append("")
