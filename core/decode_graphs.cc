@@ -57,8 +57,7 @@ void DecodeGraphs::Clear() {
   lru_.clear();
   // The allocator releases a graph pool with its last graph; later captures need a new one.
   memory_pool_ = {};
-  snapshot_.reset();
-  have_snapshot_key_ = false;
+  snapshot_version_ = kNone;
 }
 
 DecodeGraphStats DecodeGraphs::stats() const {
@@ -135,11 +134,11 @@ absl::StatusOr<ForwardOutput> DecodeGraphs::Run(const std::vector<SequenceInput>
     return absl::InvalidArgumentError(absl::StrCat("routing weights must be [", size, " tokens, ",
                                                    snapshot->size(), " experts]"));
   }
-  // Graphs pin the snapshot they were captured over: a new one replaces them all.
-  if (!have_snapshot_key_ || snapshot != snapshot_) {
+  // Graphs read the slots of the snapshot they were captured over: a new one replaces them all.
+  const int64_t version = snapshot != nullptr ? snapshot->version() : kBaseModel;
+  if (version != snapshot_version_) {
     Clear();
-    snapshot_ = snapshot;
-    have_snapshot_key_ = true;
+    snapshot_version_ = version;
   }
   int64_t context = 0;
   for (const SequenceInput& seq : batch) context = std::max(context, cache.length(seq.slot) + 1);

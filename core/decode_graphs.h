@@ -11,7 +11,8 @@
 // power of two, from min_context_bucket up to the cache's max_seq_len) with the keys past its own
 // length masked, exactly like padding. Graphs are captured lazily, kept in a small LRU, and only
 // for the base model or for the pool's current snapshot (a step over a union of older pins runs
-// eagerly); a new snapshot drops the graphs of the old one, and with them its pin on the experts.
+// eagerly); a new snapshot drops the graphs of the old one. Graphs do not pin experts: a detached
+// expert's slot is free as soon as no request holds it.
 
 #include <ATen/core/Tensor.h>
 
@@ -75,7 +76,7 @@ class DecodeGraphs {
                                     std::shared_ptr<const ExpertSnapshot> snapshot,
                                     const at::Tensor& weights);
 
-  // Drops every graph (and the snapshot pins they hold).
+  // Drops every graph.
   void Clear();
   DecodeGraphStats stats() const;
   // Set when a capture failed: graphs stay off and steps go back to the caller's eager path.
@@ -98,9 +99,11 @@ class DecodeGraphs {
   KvCache& cache_;
   const DecodeGraphOptions options_;
   const bool use_graphs_;
-  // The snapshot every kept graph was captured over (null: base model graphs).
-  std::shared_ptr<const ExpertSnapshot> snapshot_;
-  bool have_snapshot_key_ = false;
+  // Version of the snapshot every kept graph was captured over (kBaseModel: no experts, kNone:
+  // no graphs). Graphs hold no reference to it: a graph is replayed only for a step whose caller
+  // holds that very snapshot, which keeps its experts in their slots; versions are never reused.
+  static constexpr int64_t kNone = -2, kBaseModel = -1;
+  int64_t snapshot_version_ = kNone;
   std::map<Key, std::unique_ptr<Graph>> graphs_;
   std::list<Key> lru_;  // most recent first
   GraphMemoryPool memory_pool_;
