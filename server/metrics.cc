@@ -83,6 +83,12 @@ Metrics::Metrics(const MetricsOptions& options)
       step_duration_(Histograms(*registry_, "moelora_step_duration_seconds",
                                 "Wall time of one forward step (routing included).")
                          .Add({}, Exponential(1e-4, 2, 16))),
+      graph_steps_(Counters(*registry_, "moelora_decode_graph_steps_total",
+                            "Decode steps replayed from a CUDA graph.")
+                       .Add({})),
+      graph_captures_(Counters(*registry_, "moelora_decode_graph_captures_total",
+                               "CUDA graphs captured for decode steps.")
+                          .Add({})),
       kv_tokens_used_(
           Gauges(*registry_, "moelora_kv_cache_used_tokens", "Tokens held in the KV cache now.")
               .Add({})),
@@ -285,6 +291,11 @@ void Metrics::RefreshGauges() const {
   kv_tokens_capacity_.Set(static_cast<double>(stats.kv_tokens_total));
   kv_slots_used_.Set(static_cast<double>(stats.kv_slots_used));
   kv_slots_capacity_.Set(static_cast<double>(stats.kv_slots_total));
+  // Counters only go up: add what the engine counted since the last scrape.
+  graph_steps_.Increment(
+      std::max(0.0, static_cast<double>(stats.graph_steps) - graph_steps_.Value()));
+  graph_captures_.Increment(
+      std::max(0.0, static_cast<double>(stats.graph_captures) - graph_captures_.Value()));
 
   const ExpertPool& pool = engine_->mixture().pool();
   const int64_t capacity = pool.options().capacity;

@@ -90,6 +90,9 @@ class Metrics : public EngineObserver, public prometheus::Collectable {
   prometheus::Histogram& batch_requests_;
   prometheus::Histogram& batch_tokens_;
   prometheus::Histogram& step_duration_;
+  // Decode steps replayed from CUDA graphs, and graphs captured (synced from EngineStats).
+  prometheus::Counter& graph_steps_;
+  prometheus::Counter& graph_captures_;
   // KV cache.
   prometheus::Gauge& kv_tokens_used_;
   prometheus::Gauge& kv_tokens_reserved_;

@@ -100,6 +100,9 @@ TEST(MetricsTest, RequestsAndAdmin) {
   EXPECT_DOUBLE_EQ(values["moelora_expert_load_failures_total|reason=NOT_FOUND"], 1);
   EXPECT_DOUBLE_EQ(values["moelora_expert_detaches_total"], 1);
   EXPECT_DOUBLE_EQ(values["moelora_batch_tokens|_sum"], 12);
+  // Exported from the start, 0 until a GPU engine replays graphs.
+  ASSERT_EQ(values.count("moelora_decode_graph_steps_total"), 1u);
+  EXPECT_DOUBLE_EQ(values.at("moelora_decode_graph_captures_total"), 0);
   // The exposition is well formed text.
   const std::string text = prometheus::TextSerializer().Serialize(metrics.Collect());
   EXPECT_THAT(text, testing::HasSubstr("# TYPE moelora_requests_total counter"));
