@@ -4,23 +4,17 @@
 
 #include "tools/loadgen/loadgen.h"
 
-#include <fcntl.h>
 #include <gtest/gtest.h>
-#include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <fstream>
-#include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "core/random_model.h"
+#include "tests/testing/server_process.h"
 #include "tests/testing/temp_dir.h"
 
 namespace moelora::loadgen {
@@ -64,13 +58,6 @@ TEST(OverlapsAnyTest, GapsAgainstWindows) {
   EXPECT_FALSE(OverlapsAny(windows, t0 + milliseconds(50), t0 + milliseconds(60)));
 }
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
 constexpr char kToken[] = "loadgen-test-token";
 
 // The real binary on a tiny llama, an admin token, and a random r=16 adapter to attach.
@@ -85,59 +72,16 @@ class LoadgenServerTest : public testing::Test {
     StartServer();
   }
 
-  void TearDown() override {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-  }
-
-  // Starts the server with stderr to a file and reads both ports from its "serving" line.
+  // The binary with an admin token; both ports come from its "serving" line.
   void StartServer() {
-    const std::string log = temp_.Join("stderr.log");
-    std::vector<std::string> args = {MOELORA_SERVER_BINARY,
-                                     "--model_dir=" + temp_.Join("model"),
-                                     "--device=cpu",
-                                     "--listen=127.0.0.1:0",
-                                     "--admin_listen=127.0.0.1:0",
-                                     "--admin_token_file=" + temp_.Join("token"),
-                                     "--log_requests=false"};
-    std::vector<char*> argv;
-    for (std::string& arg : args) argv.push_back(arg.data());
-    argv.push_back(nullptr);
-    const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    ASSERT_GE(fd, 0);
-    pid_ = fork();
-    if (pid_ == 0) {
-      dup2(fd, STDERR_FILENO);
-      dup2(fd, STDOUT_FILENO);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-    close(fd);
-    const std::string data_marker = "serving on port ";
-    const std::string admin_marker = ", admin on port ";
-    for (int i = 0; i < 600; ++i) {
-      const std::string text = ReadAll(log);
-      const size_t data_at = text.find(data_marker);
-      const size_t admin_at = text.find(admin_marker, data_at);
-      if (data_at != std::string::npos && admin_at != std::string::npos) {
-        const size_t data_from = data_at + data_marker.size();
-        const size_t admin_from = admin_at + admin_marker.size();
-        size_t admin_end = text.find_first_not_of("0123456789", admin_from);
-        if (admin_end == std::string::npos) admin_end = text.size();
-        ASSERT_TRUE(absl::SimpleAtoi(text.substr(data_from, admin_at - data_from), &port_));
-        ASSERT_TRUE(
-            absl::SimpleAtoi(text.substr(admin_from, admin_end - admin_from), &admin_port_));
-        return;
-      }
-      if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
-        pid_ = 0;
-        FAIL() << "moelora-server exited at start-up:\n" << text;
-      }
-      std::this_thread::sleep_for(milliseconds(50));
-    }
-    FAIL() << "moelora-server did not report its ports:\n" << ReadAll(log);
+    const absl::Status started =
+        server_.Start(MOELORA_SERVER_BINARY,
+                      {"--model_dir=" + temp_.Join("model"), "--device=cpu", "--listen=127.0.0.1:0",
+                       "--admin_listen=127.0.0.1:0", "--admin_token_file=" + temp_.Join("token"),
+                       "--log_requests=false"});
+    ASSERT_TRUE(started.ok()) << started;
+    port_ = server_.data_port();
+    admin_port_ = server_.admin_port();
   }
 
   LoadOptions Options() const {
@@ -150,7 +94,7 @@ class LoadgenServerTest : public testing::Test {
   }
 
   testing_support::ScopedTempDir temp_{"loadgen_test"};
-  pid_t pid_ = 0;
+  testing_support::ServerProcess server_{temp_.Join("stderr.log")};
   int port_ = 0;
   int admin_port_ = 0;
 };
