@@ -4,6 +4,7 @@
 # the routing weights of every token, an expert attached and detached live, the routing lines of
 # the metrics endpoint, and a clean SIGTERM shutdown.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 build_dir=${1:-build}
 device=${MOELORA_DEMO_DEVICE:-cpu}   # cuda on a GPU machine (scripts/gpu-check.sh)
 bin=$build_dir
@@ -15,11 +16,7 @@ token_file=$assets/admin-token
 [ -s "$token_file" ] || { echo "demo-admin-token" >"$token_file"; chmod 600 "$token_file"; }
 
 # Three free loopback ports (the kernel picks them; the demo never collides with a running one).
-read -r port admin_port metrics_port < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])')
+read -r port admin_port metrics_port < <(free_ports 3)
 
 cli() { "$bin/client/moelora-cli" --address="127.0.0.1:$port" \
           --admin_address="127.0.0.1:$admin_port" --admin_token_file="$token_file" "$@"; }
@@ -34,11 +31,7 @@ step "starting moelora-server (log: $log)"
 server_pid=$!
 trap 'kill "$server_pid" 2>/dev/null || true' EXIT
 
-for _ in $(seq 1 120); do
-  if cli health --timeout=1s >/dev/null 2>&1; then break; fi
-  if ! kill -0 "$server_pid" 2>/dev/null; then cat "$log"; echo "the server exited"; exit 1; fi
-  sleep 0.5
-done
+wait_until_serving "$bin/client/moelora-cli" "127.0.0.1:$port" "$server_pid" "$log"
 cli health
 
 step "model, experts and routers"

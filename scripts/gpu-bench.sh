@@ -21,6 +21,7 @@
 # PEER_BUDGET_S (hf_peer.py's time budget, default 480).
 set -uo pipefail
 source .device-deps/env.sh
+source scripts/lib.sh
 out=${OUT:-build-gpu/bench}
 stages=" ${BENCH_STAGES:-build bench peer server report} "
 stage() { [[ "$stages" == *" $1 "* ]]; }
@@ -35,7 +36,7 @@ work=build-gpu/bench-work  # kept with build-gpu/ on a warm machine
 # 1. Build and check.
 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DMOELORA_BUILD_TESTS=ON > "$out/configure.log" 2>&1 \
   || { tail -30 "$out/configure.log"; exit 1; }
-cmake --build build-gpu -j "$(nproc)" --target moelora-bench moelora-server moelora-loadgen \
+cmake --build build-gpu -j "$(nproc)" --target moelora-bench moelora-server moelora-loadgen moelora-cli \
   decode_graphs_test > "$out/build.log" 2>&1 || { grep -E 'error' "$out/build.log" | head -30; exit 1; }
 ./build-gpu/tests/core/decode_graphs_test > "$out/decode_graphs_test.log" 2>&1 \
   || { tail -30 "$out/decode_graphs_test.log"; exit 1; }
@@ -71,6 +72,7 @@ fi
 # 4. The daemon through moelora-loadgen.
 if stage server && [ -n "$gemma_dir" ]; then
   echo "== server" | tee -a "$out/progress.txt"
+  read -r port admin_port < <(free_ports 2)
   experts="" weights=""
   for i in 0 1 2 3 4 5 6 7; do
     experts="${experts:+$experts,}expert$i=$gemma_dir/expert$i"
@@ -78,18 +80,15 @@ if stage server && [ -n "$gemma_dir" ]; then
   done
   ./build-gpu/server/moelora-server --model_dir="$gemma_dir/base" --device=cuda --dtype=bf16 \
     --experts="$experts" --pool_capacity=16 --pool_max_rank=16 --max_running_requests=64 \
-    --max_seq_len=1024 --listen=127.0.0.1:50071 --admin_listen=127.0.0.1:50072 \
+    --max_seq_len=1024 --listen="127.0.0.1:$port" --admin_listen="127.0.0.1:$admin_port" \
     --tokenizer=none --log_requests=false > "$out/server.log" 2>&1 &
   server_pid=$!
-  for _ in $(seq 1 240); do
-    ./build-gpu/tools/loadgen/moelora-loadgen --address=127.0.0.1:50071 --clients=1 --requests=1 \
-      --max_tokens=1 --prompt_tokens=4 > /dev/null 2>&1 && break
-    sleep 1
-  done
+  wait_until_serving ./build-gpu/client/moelora-cli "127.0.0.1:$port" $server_pid \
+    "$out/server.log" 240 || { kill $server_pid 2>/dev/null; exit 1; }
   load() {  # name, then loadgen flags
     local name=$1; shift
-    ./build-gpu/tools/loadgen/moelora-loadgen --address=127.0.0.1:50071 \
-      --admin_address=127.0.0.1:50072 --prompt_tokens=512 --max_tokens=128 --warmup_requests=1 \
+    ./build-gpu/tools/loadgen/moelora-loadgen --address="127.0.0.1:$port" \
+      --admin_address="127.0.0.1:$admin_port" --prompt_tokens=512 --max_tokens=128 --warmup_requests=1 \
       --json_out="$out/server-$name.json" "$@" > "$out/server-$name.log" 2>&1 \
       || tail -5 "$out/server-$name.log"
   }

@@ -2,22 +2,20 @@
 # 16 concurrent streaming clients against moelora-server on CUDA (fp32): every output must equal
 # the same request sent alone. Used by scripts/gpu-check.sh; needs the demo assets' binaries.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 build_dir=${1:-build-gpu}
 device=${DEVICE:-cuda}
 assets=$build_dir/demo-assets
 "$build_dir/tools/moelora-demo-assets" --dir="$assets" >/dev/null
-read -r port admin_port < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in socks])')
+read -r port admin_port < <(free_ports 2)
 "$build_dir/server/moelora-server" --model_dir="$assets/model" --manifest="$assets/manifest.json" \
   --listen="127.0.0.1:$port" --admin_listen="127.0.0.1:$admin_port" --device="$device" --dtype=fp32 \
   --max_running_requests=16 --log_requests=false 2>"$build_dir/concurrency-server.log" &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 cli() { "$build_dir/client/moelora-cli" --address="127.0.0.1:$port" "$@"; }
-for _ in $(seq 1 120); do cli health --timeout=1s >/dev/null 2>&1 && break; sleep 0.5; done
+wait_until_serving "$build_dir/client/moelora-cli" "127.0.0.1:$port" "$server" \
+  "$build_dir/concurrency-server.log"
 out=$(mktemp -d)
 requests=()
 for i in $(seq 0 15); do
