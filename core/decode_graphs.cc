@@ -24,12 +24,13 @@ struct DecodeGraphs::Graph {
 };
 
 DecodeGraphs::DecodeGraphs(const Model& model, KvCache& cache, DecodeGraphOptions options)
-    : model_(model),
-      cache_(cache),
-      options_(options),
-      use_graphs_(CudaGraphsAvailable() && model.options().device.is_cuda()) {}
+    : model_(model), cache_(cache), options_(options), use_graphs_(CanCapture(model)) {}
 
 DecodeGraphs::~DecodeGraphs() = default;
+
+bool DecodeGraphs::CanCapture(const Model& model) {
+  return CudaGraphsAvailable() && model.options().device.is_cuda();
+}
 
 bool DecodeGraphs::Accepts(const std::vector<SequenceInput>& batch, const KvCache& cache,
                            const ExpertPool* pool, const ExpertSnapshot* snapshot) const {

@@ -60,6 +60,10 @@ class DecodeGraphs {
   DecodeGraphs(const DecodeGraphs&) = delete;
   DecodeGraphs& operator=(const DecodeGraphs&) = delete;
 
+  // Whether this build can capture graphs for `model` (a CUDA build and a CUDA device); without,
+  // only eager_fallback runs steps.
+  static bool CanCapture(const Model& model);
+
   // Whether Run takes this step: every sequence brings one token, the batch fits max_batch, the
   // step runs on `cache` over no experts or `pool`'s current snapshot (any snapshot without
   // current_snapshot_only), and graphs (or the eager fallback) are available and have not failed.

@@ -144,8 +144,7 @@ TEST_P(DecodeGraphsAcceptsTest, OnlyDecodeStepsOnItsCacheAndCurrentSnapshot) {
   EXPECT_FALSE(graphs.Accepts(decode, *cache, pool_.get(), current.get()));  // not current now
   // Without the fallback, a CPU model has no graphs at all.
   DecodeGraphs strict(*model_, *cache);
-  EXPECT_EQ(strict.Accepts(decode, *cache, nullptr, nullptr),
-            CudaGraphsAvailable() && model_->options().device.is_cuda());
+  EXPECT_EQ(strict.Accepts(decode, *cache, nullptr, nullptr), DecodeGraphs::CanCapture(*model_));
 }
 
 TEST_P(DecodeGraphsAcceptsTest, NewSnapshotReplacesGraphsWhichPinNoExperts) {

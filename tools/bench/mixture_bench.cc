@@ -386,8 +386,7 @@ int main(int argc, char** argv) {
   for (int64_t batch : moelora::IntList(absl::GetFlag(FLAGS_decode_batches))) {
     for (int64_t k : decode_ks) {
       for (bool graphs : {false, true}) {
-        if (graphs && !(moelora::CudaGraphsAvailable() &&
-                        moelora::Global().model->options().device.is_cuda())) {
+        if (graphs && !moelora::DecodeGraphs::CanCapture(*moelora::Global().model)) {
           continue;  // no CUDA graphs on this build or device
         }
         benchmark::RegisterBenchmark(
