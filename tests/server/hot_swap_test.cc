@@ -178,22 +178,20 @@ class HotSwapTest : public testing::Test {
 
 TEST_F(HotSwapTest, SixteenClientsWhileExpertsAndRoutersSwap) {
   const std::vector<v1::GenerateRequest> requests = Requests();
-  // Each request alone, before anything swaps.
+  // Each request alone, a request without routing sent through `router`.
   auto stub = v1::Inference::NewStub(channel_);
+  auto run_alone = [&](const std::string& router, std::vector<Outcome>& outcomes) {
+    for (const auto& request : requests) {
+      v1::GenerateRequest alone = request;
+      if (!request.has_routing()) alone.mutable_routing()->set_router(router);
+      outcomes.push_back(Generate(*stub, alone));
+      ASSERT_TRUE(outcomes.back().status.ok()) << outcomes.back().status.error_message();
+    }
+  };
   std::vector<Outcome> expected, alternative;
-  for (const auto& request : requests) {
-    v1::GenerateRequest alone = request;
-    if (!request.has_routing()) alone.mutable_routing()->set_router("stable");
-    expected.push_back(Generate(*stub, alone));
-    ASSERT_TRUE(expected.back().status.ok()) << expected.back().status.error_message();
-  }
+  ASSERT_NO_FATAL_FAILURE(run_alone("stable", expected));  // before anything swaps
   Admin(/*attach_swapped=*/true);
-  for (const auto& request : requests) {
-    v1::GenerateRequest alone = request;
-    if (!request.has_routing()) alone.mutable_routing()->set_router("swapped");
-    alternative.push_back(Generate(*stub, alone));
-    ASSERT_TRUE(alternative.back().status.ok()) << alternative.back().status.error_message();
-  }
+  ASSERT_NO_FATAL_FAILURE(run_alone("swapped", alternative));
   Admin(/*attach_swapped=*/false);
   // An attached expert that a request does not use changes nothing in its output.
   for (size_t i = 0; i < requests.size(); ++i) {
