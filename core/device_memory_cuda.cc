@@ -2,6 +2,8 @@
 
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
 #include "absl/strings/str_cat.h"
@@ -40,6 +42,20 @@ absl::Status ResetPeakDeviceMemory(c10::Device device) {
     return absl::InternalError(absl::StrCat("device memory: ", e.what_without_backtrace()));
   }
   return absl::OkStatus();
+}
+
+void CopyOnSideStream(c10::Device device, const std::function<void()>& copies) {
+  if (!device.is_cuda()) {
+    copies();
+    return;
+  }
+  c10::cuda::CUDAStream stream =
+      c10::cuda::getStreamFromPool(/*isHighPriority=*/false, IndexOf(device));
+  {
+    c10::cuda::CUDAStreamGuard guard(stream);
+    copies();
+  }
+  stream.synchronize();
 }
 
 }  // namespace moelora

@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/device_memory.h"
 #include "core/status_macros.h"
 
 namespace moelora {
@@ -61,7 +62,9 @@ ExpertPool::ExpertPool(const Model& model, const ExpertPoolOptions& options)
       options_(options),
       allocator_(std::make_shared<SlotAllocator>(options.capacity)) {}
 
-ExpertPool::~ExpertPool() = default;
+ExpertPool::~ExpertPool() {
+  if (owns_model_room_) model_.ReleaseAdapterRoom();
+}
 
 absl::StatusOr<std::unique_ptr<ExpertPool>> ExpertPool::Create(const Model& model,
                                                                const ExpertPoolOptions& options) {
@@ -75,12 +78,22 @@ absl::StatusOr<std::unique_ptr<ExpertPool>> ExpertPool::Create(const Model& mode
   const int64_t rows = options.capacity * options.max_rank;
   const auto tensor_options =
       at::TensorOptions().dtype(model.options().dtype).device(model.options().device);
+  // The model's room fits exactly this pool's A stacks, or the pool allocates its own.
+  pool->owns_model_room_ = model.options().adapter_room_rows == rows && model.ClaimAdapterRoom();
   try {
     for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
       for (int k = 0; k < kNumProjectionKinds; ++k) {
         const Linear& linear = model.projection(layer, static_cast<ProjectionKind>(k));
-        pool->stacks_.push_back({at::zeros({rows, linear.in_features()}, tensor_options),
-                                 at::zeros({rows, linear.out_features()}, tensor_options)});
+        Stack stack;
+        if (pool->owns_model_room_) {
+          stack.a = linear.room();
+          stack.a.zero_();  // a previous pool may have left experts there
+          stack.a_in_room = true;
+        } else {
+          stack.a = at::zeros({rows, linear.in_features()}, tensor_options);
+        }
+        stack.bt = at::zeros({rows, linear.out_features()}, tensor_options);
+        pool->stacks_.push_back(std::move(stack));
       }
     }
   } catch (const c10::Error& e) {
@@ -172,20 +185,42 @@ absl::StatusOr<ExpertInfo> ExpertPool::Attach(const Adapter& adapter) {
     info.reserved_bytes += max_rank * (stack.a.size(1) + stack.bt.size(1)) * element_size;
   }
   try {
-    // The slot is free: no snapshot holds it, so no forward reads these rows.
-    for (Stack& stack : stacks_) {
-      stack.a.narrow(0, slot * max_rank, max_rank).zero_();
-      stack.bt.narrow(0, slot * max_rank, max_rank).zero_();
+    // The slot's rows of every stack, A (scaled) then Bᵀ, zeros past each module's rank, are
+    // laid out in one host buffer (pinned for a CUDA pool) and copied on a side stream: the
+    // copies neither wait for nor delay the step running on the model's stream. The slot is
+    // free: no snapshot holds it, so no forward reads these rows.
+    const c10::Device device = model_.options().device;
+    int64_t staging_elements = 0;
+    for (const Stack& stack : stacks_) {
+      staging_elements += max_rank * (stack.a.size(1) + stack.bt.size(1));
+    }
+    const at::Tensor staging = at::zeros(
+        {staging_elements},
+        at::TensorOptions().dtype(model_.options().dtype).pinned_memory(device.is_cuda()));
+    std::vector<at::Tensor> a_rows, bt_rows;  // per stack, views into `staging`
+    int64_t offset = 0;
+    for (const Stack& stack : stacks_) {
+      const int64_t in = stack.a.size(1), out = stack.bt.size(1);
+      a_rows.push_back(staging.narrow(0, offset, max_rank * in).view({max_rank, in}));
+      offset += max_rank * in;
+      bt_rows.push_back(staging.narrow(0, offset, max_rank * out).view({max_rank, out}));
+      offset += max_rank * out;
     }
     for (const AdapterModule& module : adapter.modules()) {
       const int64_t index = ProjectionIndex(module.id);
-      Stack& stack = stacks_[index];
       // The scaling is folded into A once here, so a forward multiplies only by the weights.
-      stack.a.narrow(0, slot * max_rank, module.rank).copy_(module.a * module.scaling);
-      stack.bt.narrow(0, slot * max_rank, module.rank).copy_(module.b.t());
+      a_rows[index].narrow(0, 0, module.rank).copy_(module.a * module.scaling);
+      bt_rows[index].narrow(0, 0, module.rank).copy_(module.b.t());
       resident->scaling_[index] = module.scaling;
       resident->ranks_[index] = module.rank;
     }
+    CopyOnSideStream(device, [&] {
+      for (size_t index = 0; index < stacks_.size(); ++index) {
+        Stack& stack = stacks_[index];
+        stack.a.narrow(0, slot * max_rank, max_rank).copy_(a_rows[index], /*non_blocking=*/true);
+        stack.bt.narrow(0, slot * max_rank, max_rank).copy_(bt_rows[index], /*non_blocking=*/true);
+      }
+    });
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("copying expert '", name, "' to its slot: ", e.what_without_backtrace()));
@@ -278,6 +313,22 @@ MixtureDelta::MixtureDelta(const ExpertPool& pool, std::shared_ptr<const ExpertS
                        .reshape({tokens, n * max_rank})
                        .to(pool_.model_.options().dtype);
   }
+}
+
+std::optional<int64_t> MixtureDelta::ShrinkRowsInRoom(const ProjectionId& id) const {
+  const int64_t index = ProjectionIndex(id);
+  if (!snapshot_->targeted_[index] || !snapshot_->slots_are_prefix_ ||
+      !pool_.stacks_[index].a_in_room || row_weights_.requires_grad()) {
+    return std::nullopt;
+  }
+  return snapshot_->size() * pool_.options_.max_rank;
+}
+
+at::Tensor MixtureDelta::ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
+                                     at::Tensor base_output) const {
+  const at::Tensor bt = pool_.stacks_[ProjectionIndex(id)].bt.narrow(0, 0, shrink.size(-1));
+  shrink.mul_(row_weights_);
+  return base_output.addmm_(shrink, bt);
 }
 
 at::Tensor MixtureDelta::Apply(const ProjectionId& id, const at::Tensor& x,

@@ -5,6 +5,8 @@
 //
 // Every projection (layer, kind) owns two stacks allocated once at start-up:
 //   A_all [capacity * max_rank, in]  and  Bt_all [capacity * max_rank, out]   (Bt = Bᵀ)
+// A_all lives in the projection's room when the model was loaded with adapter_room_rows =
+// capacity * max_rank (the server does): the base GEMM then computes the shrink too.
 // Slot s owns rows [s * max_rank, (s + 1) * max_rank): the expert's rank rows, then zeros. An
 // expert that does not target a projection leaves its rows there zero. The expert's scaling s
 // (alpha/r, alpha/sqrt(r), patterns) is folded into its A rows at attach.
@@ -21,6 +23,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -132,8 +135,9 @@ class ExpertPool {
  private:
   friend class MixtureDelta;
   struct Stack {
-    at::Tensor a;   // [capacity * max_rank, in]
-    at::Tensor bt;  // [capacity * max_rank, out]
+    at::Tensor a;            // [capacity * max_rank, in]
+    at::Tensor bt;           // [capacity * max_rank, out]
+    bool a_in_room = false;  // a is the projection's room (Linear::room())
   };
 
   ExpertPool(const Model& model, const ExpertPoolOptions& options);
@@ -144,6 +148,7 @@ class ExpertPool {
   const Model& model_;
   const ExpertPoolOptions options_;
   std::vector<Stack> stacks_;  // per projection
+  bool owns_model_room_ = false;
   std::shared_ptr<SlotAllocator> allocator_;
 
   absl::Mutex admin_mu_;  // serialises Attach / Detach
@@ -163,6 +168,10 @@ class MixtureDelta : public LinearDelta {
                at::Tensor weights);
   at::Tensor Apply(const ProjectionId& id, const at::Tensor& x,
                    at::Tensor base_output) const override;
+  // The active rows when A_all is in the projection's room and they are a prefix (inference only).
+  std::optional<int64_t> ShrinkRowsInRoom(const ProjectionId& id) const override;
+  at::Tensor ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
+                         at::Tensor base_output) const override;
 
  private:
   const ExpertPool& pool_;

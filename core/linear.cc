@@ -70,13 +70,40 @@ std::string ProjectionId::ModulePath() const {
                       ProjectionName(kind));
 }
 
-Linear::Linear(ProjectionId id, at::Tensor weight, at::Tensor bias)
-    : id_(id), weight_(std::move(weight)), bias_(std::move(bias)) {}
+at::Tensor LinearDelta::ApplyShrunk(const ProjectionId& /*id*/, at::Tensor /*shrink*/,
+                                    at::Tensor base_output) const {
+  TORCH_CHECK(false, "ApplyShrunk called on a delta that keeps no rows in a projection's room");
+  return base_output;
+}
+
+Linear::Linear(ProjectionId id, at::Tensor weight, at::Tensor bias, int64_t room_rows)
+    : id_(id), weight_(std::move(weight)), bias_(std::move(bias)) {
+  if (room_rows <= 0) return;
+  const int64_t out = weight_.size(0);
+  weight_and_room_ = at::zeros({out + room_rows, weight_.size(1)}, weight_.options());
+  weight_and_room_.narrow(0, 0, out).copy_(weight_);
+  weight_ = weight_and_room_.narrow(0, 0, out);
+  room_ = weight_and_room_.narrow(0, out, room_rows);
+  if (bias_.defined()) {
+    bias_and_room_ = at::zeros({out + room_rows}, bias_.options());
+    bias_and_room_.narrow(0, 0, out).copy_(bias_);
+    bias_ = bias_and_room_.narrow(0, 0, out);
+  }
+}
 
 int64_t Linear::in_features() const { return weight_.size(1); }
 int64_t Linear::out_features() const { return weight_.size(0); }
 
 at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta) const {
+  if (delta != nullptr && room_.defined() && !x.requires_grad()) {
+    if (const std::optional<int64_t> rows = delta->ShrinkRowsInRoom(id_); rows.has_value()) {
+      const int64_t out = out_features();
+      const at::Tensor both =
+          at::linear(x, weight_and_room_.narrow(0, 0, out + *rows),
+                     bias_.defined() ? bias_and_room_.narrow(0, 0, out + *rows) : at::Tensor());
+      return delta->ApplyShrunk(id_, both.narrow(-1, out, *rows), both.narrow(-1, 0, out));
+    }
+  }
   at::Tensor y = at::linear(x, weight_, bias_);
   if (delta != nullptr) y = delta->Apply(id_, x, std::move(y));
   return y;

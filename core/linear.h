@@ -50,13 +50,27 @@ class LinearDelta {
   // Returns the final output (may update base_output in place and return it).
   virtual at::Tensor Apply(const ProjectionId& id, const at::Tensor& x,
                            at::Tensor base_output) const = 0;
+
+  // A delta whose shrink matrix for `id` is the first N rows of the projection's room (see
+  // Linear) returns N; the projection then computes x·[W; A]ᵀ in one GEMM and hands the two parts
+  // to ApplyShrunk. Anything else (the default) goes through Apply.
+  virtual std::optional<int64_t> ShrinkRowsInRoom(const ProjectionId& /*id*/) const {
+    return std::nullopt;
+  }
+  // shrink: [tokens, N] = x·Aᵀ; base_output: [tokens, out]. Both are column blocks of one
+  // buffer (row stride out + N), so neither is contiguous.
+  virtual at::Tensor ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
+                                 at::Tensor base_output) const;
 };
 
+// A projection's weight may be followed in memory by `room_rows` zero rows, its room (and its
+// bias by as many zeros): an expert pool stores its stacked A there, so the base GEMM over
+// [W; A_active] also computes the LoRA shrink — one GEMM fewer per projection, and a wider one.
 class Linear {
  public:
   Linear() = default;
-  // weight: [out, in]; bias: [out] or undefined.
-  Linear(ProjectionId id, at::Tensor weight, at::Tensor bias);
+  // weight: [out, in]; bias: [out] or undefined. Copies them into a new buffer when room_rows > 0.
+  Linear(ProjectionId id, at::Tensor weight, at::Tensor bias, int64_t room_rows = 0);
 
   // x: [tokens, in] -> [tokens, out]. `delta` may be null (plain base model).
   at::Tensor Forward(const at::Tensor& x, const LinearDelta* delta) const;
@@ -66,11 +80,17 @@ class Linear {
   const at::Tensor& bias() const { return bias_; }
   int64_t in_features() const;
   int64_t out_features() const;
+  // [room_rows, in], zeros until its owner writes it; undefined without room. The tensor shares
+  // the weight's buffer: whoever owns the room (one expert pool) writes it through this handle.
+  const at::Tensor& room() const { return room_; }
 
  private:
   ProjectionId id_;
-  at::Tensor weight_;
+  at::Tensor weight_;  // [out, in]; with room, the first rows of weight_and_room_
   at::Tensor bias_;
+  at::Tensor weight_and_room_;  // [out + room_rows, in]
+  at::Tensor bias_and_room_;    // [out + room_rows], zeros after the bias
+  at::Tensor room_;
 };
 
 }  // namespace moelora

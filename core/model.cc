@@ -100,6 +100,10 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
     return absl::InvalidArgumentError(
         absl::StrCat("model dtype must be floating point, got ", c10::toString(options.dtype)));
   }
+  if (options.adapter_room_rows < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("adapter_room_rows must be >= 0, got ", options.adapter_room_rows));
+  }
   std::unique_ptr<Model> model(new Model());
   model->options_ = options;
   ASSIGN_OR_RETURN(model->config_, ModelConfig::FromFile(dir + "/config.json"));
@@ -157,7 +161,8 @@ absl::Status Model::LoadWeights(const std::string& dir) {
       if (has_bias) {
         ASSIGN_OR_RETURN(bias, load(path + ".bias", {out}));
       }
-      layer.projections[k] = Linear(id, std::move(weight), std::move(bias));
+      layer.projections[k] =
+          Linear(id, std::move(weight), std::move(bias), options_.adapter_room_rows);
     }
   }
   return absl::OkStatus();
@@ -277,6 +282,14 @@ at::Tensor Model::RmsNorm(const at::Tensor& x, const at::Tensor& weight) const {
 const Linear& Model::projection(int64_t layer, ProjectionKind kind) const {
   return layers_.at(layer).projections[static_cast<int>(kind)];
 }
+
+bool Model::ClaimAdapterRoom() const {
+  if (options_.adapter_room_rows <= 0) return false;
+  bool expected = false;
+  return adapter_room_claimed_.compare_exchange_strong(expected, true);
+}
+
+void Model::ReleaseAdapterRoom() const { adapter_room_claimed_.store(false); }
 
 int64_t Model::parameter_bytes() const {
   auto bytes = [](const at::Tensor& t) { return t.defined() ? t.numel() * t.element_size() : 0; };

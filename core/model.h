@@ -12,6 +12,7 @@
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -30,6 +31,10 @@ struct LoadOptions {
   // Weights and activations; RMSNorm statistics, RoPE angles and softmax run in fp32 whatever it
   // is.
   at::ScalarType dtype = at::kFloat;
+  // Zero rows reserved after every projection's weight for an expert pool's stacked A (its
+  // capacity × max_rank), so a forward computes the LoRA shrink inside the base GEMM. 0: none;
+  // a pool then keeps A in its own buffers (same results, one more GEMM per projection).
+  int64_t adapter_room_rows = 0;
 };
 
 // "auto" | "cpu" | "cuda" | "cuda:N" and "auto" | "fp32" | "bf16" | "fp16" (what the tools' and the
@@ -127,7 +132,13 @@ class Model {
 
   // Every projection, for adapters to validate shapes against: projection(layer, kind).
   const Linear& projection(int64_t layer, ProjectionKind kind) const;
+  // Weights only: the projections' adapter room is the expert pool's.
   int64_t parameter_bytes() const;
+
+  // The projections' adapter room (LoadOptions::adapter_room_rows) belongs to at most one expert
+  // pool at a time: true when the model has room and the caller now owns it.
+  bool ClaimAdapterRoom() const;
+  void ReleaseAdapterRoom() const;
 
  private:
   struct Layer {
@@ -168,6 +179,7 @@ class Model {
   at::Tensor lm_head_;
   at::Tensor inv_freq_;  // [head_dim / 2], fp32
   std::vector<Layer> layers_;
+  mutable std::atomic<bool> adapter_room_claimed_{false};
 };
 
 }  // namespace moelora

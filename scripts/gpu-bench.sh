@@ -18,6 +18,7 @@
 # "build bench peer server report"; build always runs first, and is quick on a warm machine whose
 # build-gpu/ is still there). Other knobs: BENCH_PRESETS (default "gemma-2b llama-3.2-1b
 # llama-3-8b"), BENCH_8B_LAYERS (default 32), BENCH_FILTER (a --benchmark_filter regex),
+# BENCH_ARGS (more moelora-bench flags, e.g. --adapter_room=false for the A/B of the layout),
 # PEER_BUDGET_S (hf_peer.py's time budget, default 480).
 set -uo pipefail
 source .device-deps/env.sh
@@ -53,7 +54,7 @@ stage bench && for preset in ${BENCH_PRESETS:-gemma-2b llama-3.2-1b llama-3-8b};
     --decode_context=512 --decode_steps=64 --projections=false --work_dir="$work" \
     --benchmark_min_time=0.5 --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true \
     --benchmark_report_aggregates_only=true \
-    --benchmark_filter="${BENCH_FILTER:-.}" --benchmark_out="$out/bench-$preset.json" --benchmark_out_format=json > "$out/bench-$preset.log" 2>&1 \
+    ${BENCH_ARGS:-} --benchmark_filter="${BENCH_FILTER:-.}" --benchmark_out="$out/bench-$preset.json" --benchmark_out_format=json > "$out/bench-$preset.log" 2>&1 \
     || { tail -20 "$out/bench-$preset.log"; exit 1; }
 done
 

@@ -184,7 +184,10 @@ absl::Status Server::Init() {
   LogLine('I',
           absl::StrCat("loading model ", options_.model_dir, " on ", options_.load.device.str(),
                        " as ", c10::toString(options_.load.dtype)));
-  ASSIGN_OR_RETURN(model_, Model::Load(options_.model_dir, options_.load));
+  LoadOptions load = options_.load;
+  // Room for the pool's A stacks after every weight: the shrink then rides the base GEMM.
+  load.adapter_room_rows = options_.pool.capacity * options_.pool.max_rank;
+  ASSIGN_OR_RETURN(model_, Model::Load(options_.model_dir, load));
   ASSIGN_OR_RETURN(pool_, ExpertPool::Create(*model_, options_.pool));
   mixture_ = std::make_unique<Mixture>(*model_, *pool_);
   EngineOptions engine_options = options_.engine;

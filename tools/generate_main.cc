@@ -108,6 +108,9 @@ absl::Status Run() {
   ASSIGN_OR_RETURN(
       moelora::LoadOptions options,
       moelora::ParseLoadOptions(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_dtype)));
+  const moelora::ExpertPoolOptions pool_options = {.capacity = absl::GetFlag(FLAGS_pool_capacity),
+                                                   .max_rank = absl::GetFlag(FLAGS_pool_max_rank)};
+  options.adapter_room_rows = pool_options.capacity * pool_options.max_rank;
   ASSIGN_OR_RETURN(auto model, moelora::Model::Load(model_dir, options));
   const moelora::ModelConfig& config = model->config();
   std::cout << "model " << model_dir << ": " << moelora::ModelTypeName(config.model_type) << ", "
@@ -115,9 +118,7 @@ absl::Status Run() {
             << config.vocab_size << ", " << model->parameter_bytes() << " bytes on "
             << options.device << "\n";
 
-  ASSIGN_OR_RETURN(auto pool, moelora::ExpertPool::Create(
-                                  *model, {.capacity = absl::GetFlag(FLAGS_pool_capacity),
-                                           .max_rank = absl::GetFlag(FLAGS_pool_max_rank)}));
+  ASSIGN_OR_RETURN(auto pool, moelora::ExpertPool::Create(*model, pool_options));
   moelora::Mixture mixture(*model, *pool);
   ASSIGN_OR_RETURN(auto experts, ParsePairs(experts_flag, '=', "experts"));
   for (const auto& [name, dir] : experts) {

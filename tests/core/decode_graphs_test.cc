@@ -25,8 +25,9 @@ class DecodeGraphsTest : public testing::TestWithParam<ModelType> {
   void SetUp() override {
     const std::string base = temp_.Join("base");
     ASSERT_TRUE(WriteRandomModel(base, TinyModelConfig(GetParam()), {.seed = 3}).ok());
-    const LoadOptions options = {.device = at::hasCUDA() ? c10::Device(c10::kCUDA, 0)
-                                                         : c10::Device(c10::kCPU)};
+    const LoadOptions options = {
+        .device = at::hasCUDA() ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU),
+        .adapter_room_rows = 4 * 8};
     auto model = Model::Load(base, options);
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);

@@ -9,6 +9,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -41,12 +42,14 @@ class NaiveDelta : public LinearDelta {
   at::Tensor weights_;
 };
 
-class ExpertPoolTest : public testing::Test {
+// `room`: the server's layout, A stacked in each projection's room after its weight (the shrink
+// runs inside the base GEMM); else the pool's own buffers.
+class ExpertPoolFixture : public testing::Test {
  protected:
-  void SetUp() override {
+  void Build(bool room) {
     ASSERT_TRUE(
         WriteRandomModel(temp_.Join("base"), TinyModelConfig(ModelType::kLlama), {.seed = 5}).ok());
-    auto model = Model::Load(temp_.Join("base"));
+    auto model = Model::Load(temp_.Join("base"), {.adapter_room_rows = room ? 8 * 8 : 0});
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
     auto pool = ExpertPool::Create(*model_, {.capacity = 8, .max_rank = 8});
@@ -74,8 +77,9 @@ class ExpertPoolTest : public testing::Test {
   }
 
   at::Tensor Fused(const std::vector<SequenceInput>& batch,
-                   std::shared_ptr<const ExpertSnapshot> snapshot, const at::Tensor& weights) {
-    MixtureDelta delta(*pool_, std::move(snapshot), weights);
+                   std::shared_ptr<const ExpertSnapshot> snapshot, const at::Tensor& weights,
+                   const ExpertPool* pool = nullptr) {
+    MixtureDelta delta(pool != nullptr ? *pool : *pool_, std::move(snapshot), weights);
     return Logits(batch, &delta);
   }
 
@@ -100,6 +104,13 @@ class ExpertPoolTest : public testing::Test {
   std::map<std::string, std::unique_ptr<Adapter>> adapters_;
 };
 
+class ExpertPoolTest : public ExpertPoolFixture, public testing::WithParamInterface<bool> {
+ protected:
+  void SetUp() override { Build(/*room=*/GetParam()); }
+};
+
+std::string LayoutName(bool room) { return room ? "AInModelRoom" : "AInPoolBuffers"; }
+
 // Mixed ranks and target sets, rslora on some: experts of every shape share one pool.
 RandomAdapterOptions SpecFor(int i) {
   static const std::vector<std::vector<std::string>> targets = {
@@ -117,7 +128,7 @@ RandomAdapterOptions SpecFor(int i) {
   return spec;
 }
 
-TEST_F(ExpertPoolTest, NoExpertsOrZeroWeightsIsTheBaseModelExactly) {
+TEST_P(ExpertPoolTest, NoExpertsOrZeroWeightsIsTheBaseModelExactly) {
   const at::Tensor base = Logits(batch_, nullptr);
   EXPECT_TRUE(at::equal(Fused(batch_, pool_->snapshot(), at::zeros({tokens_, 0})), base));
   AttachExpert("a", SpecFor(0));
@@ -126,10 +137,14 @@ TEST_F(ExpertPoolTest, NoExpertsOrZeroWeightsIsTheBaseModelExactly) {
   EXPECT_FALSE(at::equal(Fused(batch_, pool_->snapshot(), at::ones({tokens_, 2})), base));
 }
 
-class FusedEqualsNaiveTest : public ExpertPoolTest, public testing::WithParamInterface<int> {};
+class FusedEqualsNaiveTest : public ExpertPoolFixture,
+                             public testing::WithParamInterface<std::tuple<int, bool>> {
+ protected:
+  void SetUp() override { Build(/*room=*/std::get<1>(GetParam())); }
+};
 
 TEST_P(FusedEqualsNaiveTest, TokenAndSequenceWeights) {
-  const int num_experts = GetParam();
+  const int num_experts = std::get<0>(GetParam());
   for (int i = 0; i < num_experts; ++i) AttachExpert(absl::StrCat("e", i), SpecFor(i));
   const auto snapshot = pool_->snapshot();
   ASSERT_EQ(snapshot->size(), num_experts);
@@ -144,9 +159,14 @@ TEST_P(FusedEqualsNaiveTest, TokenAndSequenceWeights) {
   EXPECT_LE(MaxDiff(Fused(batch_, snapshot, expanded), Naive(batch_, *snapshot, expanded)), 1e-4);
 }
 
-INSTANTIATE_TEST_SUITE_P(K, FusedEqualsNaiveTest, testing::Values(1, 2, 4, 8));
+INSTANTIATE_TEST_SUITE_P(K, FusedEqualsNaiveTest,
+                         testing::Combine(testing::Values(1, 2, 4, 8), testing::Bool()),
+                         [](const auto& info) {
+                           return absl::StrCat("K", std::get<0>(info.param), "_",
+                                               LayoutName(std::get<1>(info.param)));
+                         });
 
-TEST_F(ExpertPoolTest, AttachPlacesInSlotsAndAccountsBytes) {
+TEST_P(ExpertPoolTest, AttachPlacesInSlotsAndAccountsBytes) {
   AttachExpert("a", SpecFor(1));  // rank 4, all seven projections
   const std::vector<ExpertInfo> infos = pool_->List();
   ASSERT_EQ(infos.size(), 1u);
@@ -158,13 +178,17 @@ TEST_F(ExpertPoolTest, AttachPlacesInSlotsAndAccountsBytes) {
   EXPECT_EQ(infos[0].device_bytes, 2 * 4 * 4 * (128 + 96 + 96 + 128 + 192 + 192 + 192));
   EXPECT_EQ(infos[0].reserved_bytes, pool_->reserved_bytes() / 8);
   EXPECT_EQ(pool_->free_slots(), 7);
+  // With the model's room the shrink of the one slot's 8 rows runs inside the base GEMM.
+  const MixtureDelta delta(*pool_, pool_->snapshot(), at::ones({tokens_, 1}));
+  EXPECT_EQ(delta.ShrinkRowsInRoom({1, ProjectionKind::kDown}),
+            GetParam() ? std::optional<int64_t>(8) : std::nullopt);
 
   auto again = pool_->Attach(*adapters_["a"]);
   EXPECT_EQ(again.status().code(), absl::StatusCode::kAlreadyExists);
   EXPECT_EQ(pool_->Detach("nope").code(), absl::StatusCode::kNotFound);
 }
 
-TEST_F(ExpertPoolTest, RankAboveCapacityAndFullPoolAreRefused) {
+TEST_P(ExpertPoolTest, RankAboveCapacityAndFullPoolAreRefused) {
   RandomAdapterOptions big = SpecFor(0);
   big.r = 16;
   ASSERT_TRUE(WriteRandomAdapter(temp_.Join("big"), model_->config(), big).ok());
@@ -179,7 +203,7 @@ TEST_F(ExpertPoolTest, RankAboveCapacityAndFullPoolAreRefused) {
   EXPECT_EQ(pool_->free_slots(), 0);
 }
 
-TEST_F(ExpertPoolTest, SlotIsFreedOnlyWhenNoSnapshotHoldsIt) {
+TEST_P(ExpertPoolTest, SlotIsFreedOnlyWhenNoSnapshotHoldsIt) {
   AttachExpert("a", SpecFor(0));
   AttachExpert("b", SpecFor(1));
   std::shared_ptr<const ExpertSnapshot> pinned = pool_->snapshot();
@@ -193,7 +217,7 @@ TEST_F(ExpertPoolTest, SlotIsFreedOnlyWhenNoSnapshotHoldsIt) {
 
 // After a detach in the middle the active slots are not a prefix: rows are gathered, results
 // unchanged, and the next attach fills the hole.
-TEST_F(ExpertPoolTest, HolesAreReadByGatherAndRefilled) {
+TEST_P(ExpertPoolTest, HolesAreReadByGatherAndRefilled) {
   for (int i = 0; i < 3; ++i) AttachExpert(absl::StrCat("e", i), SpecFor(i));
   ASSERT_TRUE(pool_->Detach("e1").ok());
   const auto snapshot = pool_->snapshot();
@@ -207,7 +231,7 @@ TEST_F(ExpertPoolTest, HolesAreReadByGatherAndRefilled) {
 
 // Attach / detach from another thread while forwards run: each forward equals the naive result
 // for the snapshot it pinned.
-TEST_F(ExpertPoolTest, AttachDetachWhileForwardsRun) {
+TEST_P(ExpertPoolTest, AttachDetachWhileForwardsRun) {
   AttachExpert("stable", SpecFor(1));
   for (int i = 0; i < 3; ++i) {
     const std::string name = absl::StrCat("churn", i);
@@ -238,6 +262,26 @@ TEST_F(ExpertPoolTest, AttachDetachWhileForwardsRun) {
   EXPECT_GT(admin_ops.load(), 0);
   EXPECT_GE(pool_->free_slots() + pool_->snapshot()->size(), 8);
 }
+
+// The model's room holds one pool's experts: a second pool on the same model keeps its own
+// buffers, and neither disturbs the other.
+TEST_P(ExpertPoolTest, ASecondPoolKeepsItsOwnBuffers) {
+  AttachExpert("first", SpecFor(1));
+  AttachExpert("other", SpecFor(2));
+  auto second = ExpertPool::Create(*model_, {.capacity = 8, .max_rank = 8});
+  ASSERT_TRUE(second.ok()) << second.status();
+  // Slot 0 of the second pool: had it written the model's room, "first" would be overwritten.
+  ASSERT_TRUE((*second)->Attach(*adapters_["other"]).ok());
+  const auto theirs = (*second)->snapshot();
+  const at::Tensor one = at::rand({tokens_, 1});
+  EXPECT_LE(MaxDiff(Fused(batch_, theirs, one, second->get()), Naive(batch_, *theirs, one)), 1e-4);
+  const auto mine = pool_->snapshot();
+  const at::Tensor two = at::rand({tokens_, 2});
+  EXPECT_LE(MaxDiff(Fused(batch_, mine, two), Naive(batch_, *mine, two)), 1e-4);
+}
+
+INSTANTIATE_TEST_SUITE_P(Layout, ExpertPoolTest, testing::Bool(),
+                         [](const auto& info) { return LayoutName(info.param); });
 
 }  // namespace
 }  // namespace moelora

@@ -80,6 +80,35 @@ TEST_F(ModelLoadTest, ShardedCheckpointGivesTheSameLogits) {
   EXPECT_TRUE(at::equal(out_a->logits, out_b->logits));
 }
 
+// Room for adapter rows after each weight (qwen2: and its bias) changes neither the weights'
+// bytes nor the base model's logits; the room starts as zeros and one pool at a time owns it.
+TEST_F(ModelLoadTest, AdapterRoomLeavesTheBaseModelAlone) {
+  const std::string dir = WriteTiny("room", ModelType::kQwen2, {.seed = 4});
+  auto plain = Model::Load(dir);
+  auto roomy = Model::Load(dir, {.adapter_room_rows = 24});
+  ASSERT_TRUE(plain.ok() && roomy.ok());
+  EXPECT_EQ((*roomy)->parameter_bytes(), (*plain)->parameter_bytes());
+  const Linear& k = (*roomy)->projection(1, ProjectionKind::kK);
+  EXPECT_EQ(k.room().sizes(), (std::vector<int64_t>{24, k.in_features()}));
+  EXPECT_TRUE(at::equal(k.room(), at::zeros_like(k.room())));
+  EXPECT_TRUE(at::equal(k.weight(), (*plain)->projection(1, ProjectionKind::kK).weight()));
+  EXPECT_FALSE((*plain)->projection(1, ProjectionKind::kK).room().defined());
+  auto cache_a = (*plain)->CreateKvCache(1, 16);
+  auto cache_b = (*roomy)->CreateKvCache(1, 16);
+  auto out_a = (*plain)->Forward({{0, {1, 2, 3, 4}}}, *cache_a);
+  auto out_b = (*roomy)->Forward({{0, {1, 2, 3, 4}}}, *cache_b);
+  ASSERT_TRUE(out_a.ok() && out_b.ok());
+  EXPECT_TRUE(at::equal(out_a->logits, out_b->logits));
+
+  EXPECT_FALSE((*plain)->ClaimAdapterRoom());
+  EXPECT_TRUE((*roomy)->ClaimAdapterRoom());
+  EXPECT_FALSE((*roomy)->ClaimAdapterRoom());
+  (*roomy)->ReleaseAdapterRoom();
+  EXPECT_TRUE((*roomy)->ClaimAdapterRoom());
+  EXPECT_EQ(Model::Load(dir, {.adapter_room_rows = -1}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(ModelLoadTest, MissingTensorIsNamed) {
   const std::string dir = WriteTiny("missing_tensor");
   RewriteWeights(dir, [](auto& tensors) {

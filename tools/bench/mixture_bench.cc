@@ -37,6 +37,9 @@ ABSL_FLAG(std::string, decode_ks, "8", "expert counts K for decode");
 ABSL_FLAG(std::string, decode_batches, "1,8,32,64", "decode batch sizes");
 ABSL_FLAG(bool, projections, true, "also time single projections (base, fused, widened)");
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda");
+ABSL_FLAG(bool, adapter_room, true,
+          "load the model with room for the pool's A after each weight (the server's layout: "
+          "the shrink rides the base GEMM); false keeps A in separate buffers");
 ABSL_FLAG(std::string, dtype, "fp32", "fp32, bf16 or fp16");
 ABSL_FLAG(int64_t, hidden, 256, "hidden size");
 ABSL_FLAG(int64_t, intermediate, 1024, "MLP intermediate size");
@@ -114,6 +117,7 @@ struct Setup {
   std::unique_ptr<Mixture> mixture;
   std::vector<SequenceInput> batch;
   int64_t tokens = 0;
+  std::vector<std::string> expert_dirs;
 };
 
 Setup& Global() {
@@ -144,13 +148,15 @@ void Prepare() {
   absl::StatusOr<LoadOptions> parsed =
       ParseLoadOptions(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_dtype));
   Check(parsed.status());
-  const LoadOptions options = *parsed;
+  LoadOptions options = *parsed;
+  const int64_t max_experts = MaxExperts();
+  const int64_t capacity = max_experts + 1;  // one slot free for the attach case
+  if (absl::GetFlag(FLAGS_adapter_room)) options.adapter_room_rows = capacity * rank;
   Setup& setup = Global();
   auto model = Model::Load(dir + "/base", options);
   Check(model.status());
   setup.model = std::move(*model);
-  const int64_t max_experts = MaxExperts();
-  auto pool = ExpertPool::Create(*setup.model, {.capacity = max_experts, .max_rank = rank});
+  auto pool = ExpertPool::Create(*setup.model, {.capacity = capacity, .max_rank = rank});
   Check(pool.status());
   setup.pool = std::move(*pool);
   setup.mixture = std::make_unique<Mixture>(*setup.model, *setup.pool);
@@ -167,6 +173,7 @@ void Prepare() {
       Check(WriteRandomAdapter(expert_dir, config, spec));
     }
     Check(setup.mixture->AttachExpert(absl::StrCat("expert", i), expert_dir).status());
+    setup.expert_dirs.push_back(expert_dir);
   }
   const int64_t batch = absl::GetFlag(FLAGS_batch), seq_len = absl::GetFlag(FLAGS_seq_len);
   for (int64_t b = 0; b < batch; ++b) {
@@ -363,6 +370,19 @@ void BM_Projection(benchmark::State& state, int64_t in, int64_t out, ProjectionM
   }
 }
 
+// Attaching a rank-r expert over all seven projections while the device is idle: load from disk,
+// validate, copy into the free slot, publish (ExpertPool::Attach waits for its copies). The
+// detach between iterations is not timed.
+void BM_Attach(benchmark::State& state) {
+  Setup& s = Global();
+  for (auto _ : state) {
+    Check(s.pool->Attach("attach-probe", s.expert_dirs.front()).status());
+    state.PauseTiming();
+    Check(s.pool->Detach("attach-probe"));
+    state.ResumeTiming();
+  }
+}
+
 }  // namespace
 }  // namespace moelora
 
@@ -373,6 +393,10 @@ int main(int argc, char** argv) {
   moelora::Prepare();
   benchmark::RegisterBenchmark("prefill/base", moelora::BM_Base)->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark("copy/1GiB", moelora::BM_Copy)->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark(absl::StrCat("attach/r=", absl::GetFlag(FLAGS_rank)).c_str(),
+                               moelora::BM_Attach)
+      ->Iterations(10)
+      ->Unit(benchmark::kMillisecond);
   for (int64_t k : moelora::IntList(absl::GetFlag(FLAGS_ks))) {
     benchmark::RegisterBenchmark(absl::StrCat("prefill/fused/K=", k).c_str(), moelora::BM_Fused,
                                  static_cast<int>(k))
