@@ -85,14 +85,14 @@ absl::StatusOr<std::unique_ptr<ExpertPool>> ExpertPool::Create(const Model& mode
       for (int k = 0; k < kNumProjectionKinds; ++k) {
         const Linear& linear = model.projection(layer, static_cast<ProjectionKind>(k));
         Stack stack;
-        if (pool->owns_model_room_) {
-          stack.a = linear.room();
-          stack.a.zero_();  // a previous pool may have left experts there
-          stack.a_in_room = true;
-        } else {
-          stack.a = at::zeros({rows, linear.in_features()}, tensor_options);
-        }
-        stack.bt = at::zeros({rows, linear.out_features()}, tensor_options);
+        const bool rows_room = linear.room_layout() == RoomLayout::kRows;
+        stack.a_in_room = pool->owns_model_room_ && rows_room;
+        stack.bt_in_room = pool->owns_model_room_ && !rows_room;
+        // A previous pool may have left experts in the room.
+        stack.a = stack.a_in_room ? linear.room().zero_()
+                                  : at::zeros({rows, linear.in_features()}, tensor_options);
+        stack.bt = stack.bt_in_room ? linear.room().zero_().t()
+                                    : at::zeros({rows, linear.out_features()}, tensor_options);
         pool->stacks_.push_back(std::move(stack));
       }
     }
@@ -289,9 +289,12 @@ absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> ExpertPool::BuildSnapshot(
   for (const auto& expert : experts) {
     for (const auto& [index, scaling] : expert->scaling()) snapshot->targeted_[index] = true;
   }
+  std::vector<int64_t> rows;
+  for (int64_t slot : snapshot->slots_) {
+    for (int64_t r = 0; r < options_.max_rank; ++r) rows.push_back(slot * options_.max_rank + r);
+  }
   try {
-    snapshot->slot_index_ =
-        at::tensor(snapshot->slots_, at::TensorOptions().dtype(at::kLong)).to(device);
+    snapshot->row_index_ = at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(device);
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("building expert snapshot: ", e.what_without_backtrace()));
@@ -324,6 +327,22 @@ std::optional<int64_t> MixtureDelta::ShrinkRowsInRoom(const ProjectionId& id) co
   return snapshot_->size() * pool_.options_.max_rank;
 }
 
+std::optional<int64_t> MixtureDelta::ExpandColumnsInRoom(const ProjectionId& id) const {
+  const int64_t index = ProjectionIndex(id);
+  if (!snapshot_->targeted_[index] || !snapshot_->slots_are_prefix_ ||
+      !pool_.stacks_[index].bt_in_room || row_weights_.requires_grad()) {
+    return std::nullopt;
+  }
+  return snapshot_->size() * pool_.options_.max_rank;
+}
+
+void MixtureDelta::ScaledShrinkInto(const ProjectionId& id, const at::Tensor& x,
+                                    at::Tensor out) const {
+  const at::Tensor a = pool_.stacks_[ProjectionIndex(id)].a.narrow(0, 0, out.size(-1));
+  at::mm_out(out, x, a.t());
+  out.mul_(row_weights_);
+}
+
 at::Tensor MixtureDelta::ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
                                      at::Tensor base_output) const {
   const at::Tensor bt = pool_.stacks_[ProjectionIndex(id)].bt.narrow(0, 0, shrink.size(-1));
@@ -343,13 +362,8 @@ at::Tensor MixtureDelta::Apply(const ProjectionId& id, const at::Tensor& x,
     bt = stack.bt.narrow(0, 0, rows);
   } else {
     // Read only the pinned slots' rows: a free slot may be being written by an attach.
-    const int64_t capacity = pool_.options_.capacity, max_rank = pool_.options_.max_rank;
-    a = stack.a.view({capacity, max_rank, -1})
-            .index_select(0, snapshot_->slot_index_)
-            .view({rows, -1});
-    bt = stack.bt.view({capacity, max_rank, -1})
-             .index_select(0, snapshot_->slot_index_)
-             .view({rows, -1});
+    a = stack.a.index_select(0, snapshot_->row_index_);
+    bt = stack.bt.index_select(0, snapshot_->row_index_);
   }
   at::Tensor shrink = at::linear(x, a);  // [tokens, rows], scaling already in A
   if (row_weights_.requires_grad() || x.requires_grad()) {

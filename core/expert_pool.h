@@ -5,8 +5,9 @@
 //
 // Every projection (layer, kind) owns two stacks allocated once at start-up:
 //   A_all [capacity * max_rank, in]  and  Bt_all [capacity * max_rank, out]   (Bt = Bᵀ)
-// A_all lives in the projection's room when the model was loaded with adapter_room_rows =
-// capacity * max_rank (the server does): the base GEMM then computes the shrink too.
+// When the model was loaded with adapter_room_rows = capacity * max_rank (the server does), A_all
+// (row room) or Bt_all (column room, as the transposed view of B_all) lives in the projection's
+// room next to its weight, and the base GEMM computes the shrink or the expand too.
 // Slot s owns rows [s * max_rank, (s + 1) * max_rank): the expert's rank rows, then zeros. An
 // expert that does not target a projection leaves its rows there zero. The expert's scaling s
 // (alpha/r, alpha/sqrt(r), patterns) is folded into its A rows at attach.
@@ -95,7 +96,7 @@ class ExpertSnapshot {
   // (no copy), otherwise their rows are gathered.
   std::vector<int64_t> slots_;
   bool slots_are_prefix_ = true;
-  at::Tensor slot_index_;  // long [n] on the device
+  at::Tensor row_index_;  // long [n * max_rank] on the device: the active slots' stack rows
   // Per projection (layer * kNumProjectionKinds + kind): does any active expert adapt it?
   std::vector<bool> targeted_;
 };
@@ -135,9 +136,10 @@ class ExpertPool {
  private:
   friend class MixtureDelta;
   struct Stack {
-    at::Tensor a;            // [capacity * max_rank, in]
-    at::Tensor bt;           // [capacity * max_rank, out]
-    bool a_in_room = false;  // a is the projection's room (Linear::room())
+    at::Tensor a;             // [capacity * max_rank, in]
+    at::Tensor bt;            // [capacity * max_rank, out]
+    bool a_in_room = false;   // a is the projection's row room
+    bool bt_in_room = false;  // bt is the transposed view of its column room
   };
 
   ExpertPool(const Model& model, const ExpertPoolOptions& options);
@@ -168,10 +170,13 @@ class MixtureDelta : public LinearDelta {
                at::Tensor weights);
   at::Tensor Apply(const ProjectionId& id, const at::Tensor& x,
                    at::Tensor base_output) const override;
-  // The active rows when A_all is in the projection's room and they are a prefix (inference only).
+  // The active rows when A_all (B_all) is in the projection's room and they are a prefix
+  // (inference only).
   std::optional<int64_t> ShrinkRowsInRoom(const ProjectionId& id) const override;
   at::Tensor ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
                          at::Tensor base_output) const override;
+  std::optional<int64_t> ExpandColumnsInRoom(const ProjectionId& id) const override;
+  void ScaledShrinkInto(const ProjectionId& id, const at::Tensor& x, at::Tensor out) const override;
 
  private:
   const ExpertPool& pool_;

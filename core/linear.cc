@@ -76,16 +76,28 @@ at::Tensor LinearDelta::ApplyShrunk(const ProjectionId& /*id*/, at::Tensor /*shr
   return base_output;
 }
 
-Linear::Linear(ProjectionId id, at::Tensor weight, at::Tensor bias, int64_t room_rows)
-    : id_(id), weight_(std::move(weight)), bias_(std::move(bias)) {
-  if (room_rows <= 0) return;
-  const int64_t out = weight_.size(0);
-  weight_and_room_ = at::zeros({out + room_rows, weight_.size(1)}, weight_.options());
+void LinearDelta::ScaledShrinkInto(const ProjectionId& /*id*/, const at::Tensor& /*x*/,
+                                   at::Tensor /*out*/) const {
+  TORCH_CHECK(false, "ScaledShrinkInto called on a delta that keeps no columns in a room");
+}
+
+Linear::Linear(ProjectionId id, at::Tensor weight, at::Tensor bias, int64_t room, RoomLayout layout)
+    : id_(id), weight_(std::move(weight)), bias_(std::move(bias)), layout_(layout) {
+  if (room <= 0) return;
+  const int64_t out = weight_.size(0), in = weight_.size(1);
+  if (layout == RoomLayout::kColumns) {
+    weight_and_room_ = at::zeros({out, in + room}, weight_.options());
+    weight_and_room_.narrow(1, 0, in).copy_(weight_);
+    weight_ = weight_and_room_.narrow(1, 0, in);
+    room_ = weight_and_room_.narrow(1, in, room);
+    return;
+  }
+  weight_and_room_ = at::zeros({out + room, in}, weight_.options());
   weight_and_room_.narrow(0, 0, out).copy_(weight_);
   weight_ = weight_and_room_.narrow(0, 0, out);
-  room_ = weight_and_room_.narrow(0, out, room_rows);
+  room_ = weight_and_room_.narrow(0, out, room);
   if (bias_.defined()) {
-    bias_and_room_ = at::zeros({out + room_rows}, bias_.options());
+    bias_and_room_ = at::zeros({out + room}, bias_.options());
     bias_and_room_.narrow(0, 0, out).copy_(bias_);
     bias_ = bias_and_room_.narrow(0, 0, out);
   }
@@ -96,12 +108,21 @@ int64_t Linear::out_features() const { return weight_.size(0); }
 
 at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta) const {
   if (delta != nullptr && room_.defined() && !x.requires_grad()) {
-    if (const std::optional<int64_t> rows = delta->ShrinkRowsInRoom(id_); rows.has_value()) {
-      const int64_t out = out_features();
-      const at::Tensor both =
-          at::linear(x, weight_and_room_.narrow(0, 0, out + *rows),
-                     bias_.defined() ? bias_and_room_.narrow(0, 0, out + *rows) : at::Tensor());
-      return delta->ApplyShrunk(id_, both.narrow(-1, out, *rows), both.narrow(-1, 0, out));
+    if (layout_ == RoomLayout::kRows) {
+      if (const std::optional<int64_t> rows = delta->ShrinkRowsInRoom(id_); rows.has_value()) {
+        const int64_t out = out_features();
+        const at::Tensor both =
+            at::linear(x, weight_and_room_.narrow(0, 0, out + *rows),
+                       bias_.defined() ? bias_and_room_.narrow(0, 0, out + *rows) : at::Tensor());
+        return delta->ApplyShrunk(id_, both.narrow(-1, out, *rows), both.narrow(-1, 0, out));
+      }
+    } else if (const std::optional<int64_t> columns = delta->ExpandColumnsInRoom(id_);
+               columns.has_value()) {
+      const int64_t in = in_features();
+      const at::Tensor widened = at::empty({x.size(0), in + *columns}, x.options());
+      widened.narrow(1, 0, in).copy_(x);
+      delta->ScaledShrinkInto(id_, x, widened.narrow(1, in, *columns));
+      return at::linear(widened, weight_and_room_.narrow(1, 0, in + *columns), bias_);
     }
   }
   at::Tensor y = at::linear(x, weight_, bias_);

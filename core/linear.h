@@ -51,7 +51,7 @@ class LinearDelta {
   virtual at::Tensor Apply(const ProjectionId& id, const at::Tensor& x,
                            at::Tensor base_output) const = 0;
 
-  // A delta whose shrink matrix for `id` is the first N rows of the projection's room (see
+  // A delta whose shrink matrix for `id` is the first N rows of the projection's row room (see
   // Linear) returns N; the projection then computes x·[W; A]ᵀ in one GEMM and hands the two parts
   // to ApplyShrunk. Anything else (the default) goes through Apply.
   virtual std::optional<int64_t> ShrinkRowsInRoom(const ProjectionId& /*id*/) const {
@@ -61,16 +61,32 @@ class LinearDelta {
   // buffer (row stride out + N), so neither is contiguous.
   virtual at::Tensor ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
                                  at::Tensor base_output) const;
+
+  // A delta whose expand matrix for `id` is the first N columns of the projection's column room
+  // returns N; the projection then writes x and ScaledShrinkInto's [tokens, N] side by side and
+  // computes [x | s]·[W | B]ᵀ in one GEMM: no second pass over a wide output.
+  virtual std::optional<int64_t> ExpandColumnsInRoom(const ProjectionId& /*id*/) const {
+    return std::nullopt;
+  }
+  // Writes the weighted shrink (the expand GEMM's input) into `out` [tokens, N], a column block.
+  virtual void ScaledShrinkInto(const ProjectionId& id, const at::Tensor& x, at::Tensor out) const;
 };
 
-// A projection's weight may be followed in memory by `room_rows` zero rows, its room (and its
-// bias by as many zeros): an expert pool stores its stacked A there, so the base GEMM over
-// [W; A_active] also computes the LoRA shrink — one GEMM fewer per projection, and a wider one.
+// Where an expert pool may keep its stacked LoRA matrices right next to a projection's weight,
+// so that the base GEMM does part of the delta's work:
+//   kRows:    [W; A] ([out + n, in]): x·[W; A]ᵀ gives the output and the shrink in one GEMM;
+//   kColumns: [W | B] ([out, in + n]): [x | s]·[W | B]ᵀ gives the output with the expand added,
+//             without reading and writing the output twice (for wide outputs: gate and up).
+// The room starts as zeros; the weight is a view of the first out rows / in columns.
+enum class RoomLayout { kRows, kColumns };
+
 class Linear {
  public:
   Linear() = default;
-  // weight: [out, in]; bias: [out] or undefined. Copies them into a new buffer when room_rows > 0.
-  Linear(ProjectionId id, at::Tensor weight, at::Tensor bias, int64_t room_rows = 0);
+  // weight: [out, in]; bias: [out] or undefined. Copies the weight into a new buffer when
+  // room > 0 (and, for row room, the bias, followed by zeros).
+  Linear(ProjectionId id, at::Tensor weight, at::Tensor bias, int64_t room = 0,
+         RoomLayout layout = RoomLayout::kRows);
 
   // x: [tokens, in] -> [tokens, out]. `delta` may be null (plain base model).
   at::Tensor Forward(const at::Tensor& x, const LinearDelta* delta) const;
@@ -80,16 +96,18 @@ class Linear {
   const at::Tensor& bias() const { return bias_; }
   int64_t in_features() const;
   int64_t out_features() const;
-  // [room_rows, in], zeros until its owner writes it; undefined without room. The tensor shares
-  // the weight's buffer: whoever owns the room (one expert pool) writes it through this handle.
+  // kRows: [n, in]; kColumns: [out, n] (a strided view); undefined without room. It shares the
+  // weight's buffer: whoever owns the room (one expert pool) writes it through this handle.
   const at::Tensor& room() const { return room_; }
+  RoomLayout room_layout() const { return layout_; }
 
  private:
   ProjectionId id_;
-  at::Tensor weight_;  // [out, in]; with room, the first rows of weight_and_room_
+  at::Tensor weight_;  // [out, in]; with room, a view of weight_and_room_
   at::Tensor bias_;
-  at::Tensor weight_and_room_;  // [out + room_rows, in]
-  at::Tensor bias_and_room_;    // [out + room_rows], zeros after the bias
+  RoomLayout layout_ = RoomLayout::kRows;
+  at::Tensor weight_and_room_;  // [out + n, in] or [out, in + n]
+  at::Tensor bias_and_room_;    // kRows: [out + n], zeros after the bias
   at::Tensor room_;
 };
 

@@ -161,8 +161,11 @@ absl::Status Model::LoadWeights(const std::string& dir) {
       if (has_bias) {
         ASSIGN_OR_RETURN(bias, load(path + ".bias", {out}));
       }
+      // Wider outputs than inputs (gate, up) take B next to W: re-reading and re-writing their
+      // output for the expand would cost more than copying their input once.
       layer.projections[k] =
-          Linear(id, std::move(weight), std::move(bias), options_.adapter_room_rows);
+          Linear(id, std::move(weight), std::move(bias), options_.adapter_room_rows,
+                 out > in ? RoomLayout::kColumns : RoomLayout::kRows);
     }
   }
   return absl::OkStatus();

@@ -31,9 +31,11 @@ struct LoadOptions {
   // Weights and activations; RMSNorm statistics, RoPE angles and softmax run in fp32 whatever it
   // is.
   at::ScalarType dtype = at::kFloat;
-  // Zero rows reserved after every projection's weight for an expert pool's stacked A (its
-  // capacity × max_rank), so a forward computes the LoRA shrink inside the base GEMM. 0: none;
-  // a pool then keeps A in its own buffers (same results, one more GEMM per projection).
+  // Room next to every projection's weight for an expert pool's stacked LoRA matrices (its
+  // capacity × max_rank rows; see RoomLayout): A after W where the output is at most as wide
+  // as the input, so the base GEMM also computes the shrink; B beside W where it is wider
+  // (gate, up), so the base GEMM also does the expand. 0: none; a pool then keeps A and B in its
+  // own buffers (same results, one more GEMM and one more pass per projection).
   int64_t adapter_room_rows = 0;
 };
 

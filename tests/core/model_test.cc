@@ -93,6 +93,11 @@ TEST_F(ModelLoadTest, AdapterRoomLeavesTheBaseModelAlone) {
   EXPECT_TRUE(at::equal(k.room(), at::zeros_like(k.room())));
   EXPECT_TRUE(at::equal(k.weight(), (*plain)->projection(1, ProjectionKind::kK).weight()));
   EXPECT_FALSE((*plain)->projection(1, ProjectionKind::kK).room().defined());
+  // gate's output is wider than its input: the room is columns beside the weight.
+  const Linear& gate = (*roomy)->projection(0, ProjectionKind::kGate);
+  EXPECT_EQ(gate.room_layout(), RoomLayout::kColumns);
+  EXPECT_EQ(gate.room().sizes(), (std::vector<int64_t>{gate.out_features(), 24}));
+  EXPECT_TRUE(at::equal(gate.weight(), (*plain)->projection(0, ProjectionKind::kGate).weight()));
   auto cache_a = (*plain)->CreateKvCache(1, 16);
   auto cache_b = (*roomy)->CreateKvCache(1, 16);
   auto out_a = (*plain)->Forward({{0, {1, 2, 3, 4}}}, *cache_a);
