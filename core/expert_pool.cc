@@ -1,6 +1,7 @@
 #include "core/expert_pool.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -194,7 +195,7 @@ absl::StatusOr<ExpertInfo> ExpertPool::Attach(const Adapter& adapter) {
     for (const Stack& stack : stacks_) {
       staging_elements += max_rank * (stack.a.size(1) + stack.bt.size(1));
     }
-    const at::Tensor staging = at::zeros(
+    const at::Tensor staging = at::empty(
         {staging_elements},
         at::TensorOptions().dtype(model_.options().dtype).pinned_memory(device.is_cuda()));
     std::vector<at::Tensor> a_rows, bt_rows;  // per stack, views into `staging`
@@ -206,14 +207,26 @@ absl::StatusOr<ExpertInfo> ExpertPool::Attach(const Adapter& adapter) {
       bt_rows.push_back(staging.narrow(0, offset, max_rank * out).view({max_rank, out}));
       offset += max_rank * out;
     }
+    std::vector<const AdapterModule*> module_of(stacks_.size(), nullptr);
     for (const AdapterModule& module : adapter.modules()) {
       const int64_t index = ProjectionIndex(module.id);
-      // The scaling is folded into A once here, so a forward multiplies only by the weights.
-      a_rows[index].narrow(0, 0, module.rank).copy_(module.a * module.scaling);
-      bt_rows[index].narrow(0, 0, module.rank).copy_(module.b.t());
+      module_of[index] = &module;
       resident->scaling_[index] = module.scaling;
       resident->ranks_[index] = module.rank;
     }
+    // Modules are small (a few hundred KB): fill them in parallel rather than each op in turn.
+    at::parallel_for(0, static_cast<int64_t>(stacks_.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t index = begin; index < end; ++index) {
+        const AdapterModule* module = module_of[index];
+        const int64_t rank = module == nullptr ? 0 : module->rank;
+        a_rows[index].narrow(0, rank, max_rank - rank).zero_();
+        bt_rows[index].narrow(0, rank, max_rank - rank).zero_();
+        if (module == nullptr) continue;
+        // The scaling is folded into A once here, so a forward multiplies only by the weights.
+        a_rows[index].narrow(0, 0, rank).copy_(module->a * module->scaling);
+        bt_rows[index].narrow(0, 0, rank).copy_(module->b.t());
+      }
+    });
     CopyOnSideStream(device, [&] {
       for (size_t index = 0; index < stacks_.size(); ++index) {
         Stack& stack = stacks_[index];
