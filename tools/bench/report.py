@@ -81,18 +81,22 @@ def bench_tables(preset, bench, lines):
         m = re.fullmatch(r"decode/(base|fused/K=(\d+))/batch=(\d+)/.*", name)
         return (int(m.group(2) or 0), int(m.group(3))) if m else (0, 0)
 
+    seen = set()
     for name in sorted(rows, key=decode_order):
-        m = re.fullmatch(r"decode/(base|fused/K=\d+)/batch=(\d+)/eager", name)
-        if not m:
+        m = re.fullmatch(r"decode/(base|fused/K=\d+)/batch=(\d+)/(eager|graph)", name)
+        if not m or m.group(1, 2) in seen:  # one row per case and batch, whichever ran
             continue
+        seen.add(m.group(1, 2))
         what, batch = m.group(1), m.group(2)
-        eager = ms(rows, name)
+        eager = ms(rows, f"decode/{what}/batch={batch}/eager")
         graph = ms(rows, f"decode/{what}/batch={batch}/graph")
         base_graph = ms(rows, f"decode/base/batch={batch}/graph")
         tok_s = rows.get(f"decode/{what}/batch={batch}/graph", {}).get("items_per_second")
         lines.append(f"| {what} | {batch} | {fmt(eager)} | {fmt(graph)} | {fmt(tok_s, 0)} | "
                      f"{fmt(ratio(graph, base_graph))} |")
     lines.append("")
+    for name in sorted(n for n in rows if n.startswith("attach/")):
+        lines += [f"Attach ({name[len('attach/'):]}, idle device): {fmt(ms(rows, name))} ms.", ""]
     return rows
 
 
