@@ -76,7 +76,7 @@ DecodeGraphs::Graph* DecodeGraphs::Find(const Key& key) {
 }
 
 DecodeGraphs::Graph* DecodeGraphs::Add(const Key& key, int64_t experts) {
-  const auto [batch, context, experts_per_token] = key;
+  const auto [batch, context] = key;
   const c10::Device device = model_.options().device;
   auto graph = std::make_unique<Graph>();
   graph->host_inputs = at::zeros({3, batch}, at::kLong);
@@ -100,9 +100,9 @@ DecodeGraphs::Graph* DecodeGraphs::Add(const Key& key, int64_t experts) {
 absl::Status DecodeGraphs::Capture(const Key& key, Graph& graph, KvCache& cache,
                                    const ExpertPool* pool,
                                    const std::shared_ptr<const ExpertSnapshot>& snapshot) {
-  auto body = [this, &key, &graph, &cache, pool, &snapshot] {
+  auto body = [this, &graph, &cache, pool, &snapshot] {
     std::optional<MixtureDelta> delta;
-    if (snapshot != nullptr) delta.emplace(*pool, snapshot, graph.weights, std::get<2>(key));
+    if (snapshot != nullptr) delta.emplace(*pool, snapshot, graph.weights);
     graph.logits = model_.DecodeStep(graph.inputs, cache, delta ? &*delta : nullptr);
   };
   // The capture's warm-up run is a real step over the inputs already in place: it writes this
@@ -123,8 +123,7 @@ absl::Status DecodeGraphs::Capture(const Key& key, Graph& graph, KvCache& cache,
 absl::StatusOr<ForwardOutput> DecodeGraphs::Run(const std::vector<SequenceInput>& batch,
                                                 KvCache& cache, const ExpertPool* pool,
                                                 std::shared_ptr<const ExpertSnapshot> snapshot,
-                                                const at::Tensor& weights,
-                                                int64_t experts_per_token) {
+                                                const at::Tensor& weights) {
   if (snapshot != nullptr && snapshot->size() == 0) snapshot.reset();
   if (!Accepts(batch, cache, pool, snapshot.get())) {
     return absl::FailedPreconditionError("decode graphs: this step is not a graph step");
@@ -146,7 +145,7 @@ absl::StatusOr<ForwardOutput> DecodeGraphs::Run(const std::vector<SequenceInput>
   for (const SequenceInput& seq : batch) context = std::max(context, cache.length(seq.slot) + 1);
   try {
     c10::NoGradGuard no_grad;
-    const Key key = {size, ContextBucket(context), snapshot != nullptr ? experts_per_token : 0};
+    const Key key = {size, ContextBucket(context)};
     Graph* graph = Find(key);
     const bool fresh = graph == nullptr;
     if (fresh) graph = Add(key, snapshot != nullptr ? snapshot->size() : 0);
@@ -164,7 +163,7 @@ absl::StatusOr<ForwardOutput> DecodeGraphs::Run(const std::vector<SequenceInput>
       ++stats_.replays;
     } else {
       std::optional<MixtureDelta> delta;
-      if (snapshot != nullptr) delta.emplace(*pool, snapshot, graph->weights, std::get<2>(key));
+      if (snapshot != nullptr) delta.emplace(*pool, snapshot, graph->weights);
       graph->logits = model_.DecodeStep(graph->inputs, cache, delta ? &*delta : nullptr);
       ++stats_.eager_steps;
     }

@@ -308,8 +308,6 @@ absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> ExpertPool::BuildSnapshot(
   }
   try {
     snapshot->row_index_ = at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(device);
-    snapshot->slot_index_ =
-        at::tensor(snapshot->slots_, at::TensorOptions().dtype(at::kLong)).to(device);
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("building expert snapshot: ", e.what_without_backtrace()));
@@ -319,59 +317,23 @@ absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> ExpertPool::BuildSnapshot(
 }
 
 MixtureDelta::MixtureDelta(const ExpertPool& pool, std::shared_ptr<const ExpertSnapshot> snapshot,
-                           at::Tensor weights, int64_t experts_per_token)
+                           at::Tensor weights)
     : pool_(pool), snapshot_(std::move(snapshot)) {
   const int64_t n = snapshot_->size();
-  if (n == 0) return;
-  const int64_t tokens = weights.size(0);
-  const int64_t max_rank = pool_.options_.max_rank;
-  const at::ScalarType dtype = pool_.model_.options().dtype;
-  if (experts_per_token > 0 && !weights.requires_grad()) {
-    sparse_k_ = std::min(experts_per_token, n);
-    const auto [top_weights, positions] = at::topk(weights, sparse_k_, /*dim=*/1);
-    sparse_slots_ = snapshot_->slot_index_.index_select(0, positions.reshape({-1}));
-    sparse_row_weights_ = top_weights.unsqueeze(2)
-                              .expand({tokens, sparse_k_, max_rank})
-                              .reshape({tokens, sparse_k_ * max_rank})
-                              .to(dtype);
-    return;
+  if (n > 0) {
+    const int64_t tokens = weights.size(0);
+    const int64_t max_rank = pool_.options_.max_rank;
+    // Each expert's weight repeated over its rank rows, in the model's dtype: [tokens, n * R].
+    row_weights_ = weights.unsqueeze(2)
+                       .expand({tokens, n, max_rank})
+                       .reshape({tokens, n * max_rank})
+                       .to(pool_.model_.options().dtype);
   }
-  // Each expert's weight repeated over its rank rows, in the model's dtype: [tokens, n * R].
-  row_weights_ =
-      weights.unsqueeze(2).expand({tokens, n, max_rank}).reshape({tokens, n * max_rank}).to(dtype);
-}
-
-int64_t SparseExpertsPerToken(const at::Tensor& weights) {
-  if (!weights.defined() || weights.dim() != 2 || !weights.device().is_cpu() ||
-      weights.requires_grad() || weights.numel() == 0) {
-    return 0;
-  }
-  const int64_t tokens = weights.size(0), experts = weights.size(1);
-  const int64_t most = std::max<int64_t>(1, weights.ne(0).sum(1).max().item<int64_t>());
-  // A gathered row is read, written and read again: pay for it only well under the dense pass.
-  return 4 * tokens * most <= experts ? most : 0;
-}
-
-at::Tensor MixtureDelta::ApplySparse(const ExpertPool::Stack& stack, const at::Tensor& x,
-                                     at::Tensor base_output) const {
-  const int64_t tokens = x.size(0), max_rank = pool_.options_.max_rank;
-  const int64_t capacity = pool_.options_.capacity, rows = sparse_k_ * max_rank;
-  // [tokens, k·R, in] and [tokens, k·R, out]: only each token's experts' rows.
-  const at::Tensor a = stack.a.view({capacity, max_rank, stack.a.size(1)})
-                           .index_select(0, sparse_slots_)
-                           .view({tokens, rows, stack.a.size(1)});
-  const at::Tensor bt = stack.bt.view({capacity, max_rank, stack.bt.size(1)})
-                            .index_select(0, sparse_slots_)
-                            .view({tokens, rows, stack.bt.size(1)});
-  at::Tensor shrink = at::bmm(x.unsqueeze(1), a.transpose(1, 2));  // [tokens, 1, k·R]
-  shrink.mul_(sparse_row_weights_.unsqueeze(1));
-  base_output.unsqueeze(1).baddbmm_(shrink, bt);
-  return base_output;
 }
 
 std::optional<int64_t> MixtureDelta::ShrinkRowsInRoom(const ProjectionId& id) const {
   const int64_t index = ProjectionIndex(id);
-  if (sparse_k_ > 0 || !snapshot_->targeted_[index] || !snapshot_->slots_are_prefix_ ||
+  if (!snapshot_->targeted_[index] || !snapshot_->slots_are_prefix_ ||
       !pool_.stacks_[index].a_in_room || row_weights_.requires_grad()) {
     return std::nullopt;
   }
@@ -380,7 +342,7 @@ std::optional<int64_t> MixtureDelta::ShrinkRowsInRoom(const ProjectionId& id) co
 
 std::optional<int64_t> MixtureDelta::ExpandColumnsInRoom(const ProjectionId& id) const {
   const int64_t index = ProjectionIndex(id);
-  if (sparse_k_ > 0 || !snapshot_->targeted_[index] || !snapshot_->slots_are_prefix_ ||
+  if (!snapshot_->targeted_[index] || !snapshot_->slots_are_prefix_ ||
       !pool_.stacks_[index].bt_in_room || row_weights_.requires_grad()) {
     return std::nullopt;
   }
@@ -406,7 +368,6 @@ at::Tensor MixtureDelta::Apply(const ProjectionId& id, const at::Tensor& x,
   const int64_t index = ProjectionIndex(id);
   if (!snapshot_->targeted_[index]) return base_output;  // no attached expert adapts it
   const ExpertPool::Stack& stack = pool_.stacks_[index];
-  if (sparse_k_ > 0) return ApplySparse(stack, x, std::move(base_output));
   const int64_t rows = snapshot_->size() * pool_.options_.max_rank;
   at::Tensor a, bt;
   if (snapshot_->slots_are_prefix_) {

@@ -90,7 +90,6 @@ class ExpertSnapshot {
   friend class ExpertPool;
   friend class MixtureDelta;
   int64_t version_ = 0;
-  at::Tensor slot_index_;  // long [n] on the device: the slot of each position
   std::vector<std::shared_ptr<const ResidentExpert>> experts_;
   std::map<std::string, int64_t> positions_;
   // Active slots, ascending; when they are exactly 0..n-1 the stacks are read with a narrow
@@ -165,14 +164,10 @@ class ExpertPool {
 // one shrink GEMM and one expand GEMM whatever the number of experts. `weights` is
 // [tokens, snapshot->size()] (packed tokens, snapshot position order), fp32, on the model's
 // device; it may require grad.
-//
-// experts_per_token > 0 promises at most that many non-zero weights in any row (top-k routing, a
-// pinned expert): each token then reads only its own experts' rows, gathered per token
-// (`SparseExpertsPerToken` says when that beats reading every active expert's). Inference only.
 class MixtureDelta : public LinearDelta {
  public:
   MixtureDelta(const ExpertPool& pool, std::shared_ptr<const ExpertSnapshot> snapshot,
-               at::Tensor weights, int64_t experts_per_token = 0);
+               at::Tensor weights);
   at::Tensor Apply(const ProjectionId& id, const at::Tensor& x,
                    at::Tensor base_output) const override;
   // The active rows when A_all (B_all) is in the projection's room and they are a prefix
@@ -184,23 +179,10 @@ class MixtureDelta : public LinearDelta {
   void ScaledShrinkInto(const ProjectionId& id, const at::Tensor& x, at::Tensor out) const override;
 
  private:
-  at::Tensor ApplySparse(const ExpertPool::Stack& stack, const at::Tensor& x,
-                         at::Tensor base_output) const;
-
   const ExpertPool& pool_;
   std::shared_ptr<const ExpertSnapshot> snapshot_;
   at::Tensor row_weights_;  // [tokens, n * max_rank], model dtype: weights over rank rows
-  // The sparse path: each token's top experts_per_token slots and their weights over rank rows.
-  int64_t sparse_k_ = 0;
-  at::Tensor sparse_slots_;        // long [tokens * k]
-  at::Tensor sparse_row_weights_;  // [tokens, k * max_rank], model dtype
 };
-
-// The experts_per_token to give MixtureDelta for `weights` [tokens, experts] on the host: the
-// most non-zero weights of any row when gathering that many experts per token touches at most a
-// quarter of the rows the dense pass reads (tokens · k ≤ experts / 4: decode over a large pool
-// with sparse routing); else 0 (dense). 0 as well for weights on a device or requiring grad.
-int64_t SparseExpertsPerToken(const at::Tensor& weights);
 
 inline int64_t ProjectionIndex(const ProjectionId& id) {
   return id.layer * kNumProjectionKinds + static_cast<int64_t>(id.kind);

@@ -420,23 +420,16 @@ absl::StatusOr<ForwardOutput> Mixture::ForwardWithWeights(
     return absl::InvalidArgumentError(absl::StrCat("routing weights must be [", total_tokens,
                                                    " tokens, ", snapshot->size(), " experts]"));
   }
-  int64_t experts_per_token = 0;  // dense unless routing is sparse over a large pool
-  try {
-    experts_per_token = SparseExpertsPerToken(weights);
-  } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat("routing weights: ", e.what_without_backtrace()));
-  }
   DecodeGraphs* graphs = options.decode_graphs;
   if (graphs != nullptr && !options.all_logits && !options.return_hidden &&
       !weights.requires_grad() && graphs->Accepts(batch, cache, &pool_, snapshot.get())) {
-    absl::StatusOr<ForwardOutput> output =
-        graphs->Run(batch, cache, &pool_, snapshot, weights, experts_per_token);
+    absl::StatusOr<ForwardOutput> output = graphs->Run(batch, cache, &pool_, snapshot, weights);
     // A failed capture turns graphs off and leaves the step to the eager path below.
     if (output.ok() || graphs->disabled().ok()) return output;
   }
   std::optional<MixtureDelta> delta;
   try {
-    delta.emplace(pool_, snapshot, weights.to(model_.options().device), experts_per_token);
+    delta.emplace(pool_, snapshot, weights.to(model_.options().device));
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("routing weights: ", e.what_without_backtrace()));
   }

@@ -263,39 +263,6 @@ TEST_P(ExpertPoolTest, AttachDetachWhileForwardsRun) {
   EXPECT_GE(pool_->free_slots() + pool_->snapshot()->size(), 8);
 }
 
-// Sparse routing (at most k experts per token) gathers each token's experts' rows instead of
-// reading every active expert's: same result as the dense pass, with the slots a prefix or not.
-TEST_P(ExpertPoolTest, SparsePathEqualsDense) {
-  for (int i = 0; i < 8; ++i) AttachExpert(absl::StrCat("e", i), SpecFor(i));
-  auto top_two = [&](int64_t experts) {
-    at::Tensor weights = at::zeros({tokens_, experts});
-    for (int64_t t = 0; t < tokens_; ++t) {
-      weights[t][t % experts] = 0.7;
-      weights[t][(t + 3) % experts] = 0.3;
-    }
-    return weights;
-  };
-  for (const bool holes : {false, true}) {
-    if (holes) {
-      ASSERT_TRUE(pool_->Detach("e1").ok());
-    }
-    const auto snapshot = pool_->snapshot();
-    const at::Tensor weights = top_two(snapshot->size());
-    const at::Tensor naive = Naive(batch_, *snapshot, weights);
-    EXPECT_LE(MaxDiff(Fused(batch_, snapshot, weights), naive), 1e-4);
-    for (const int64_t k : {2, 3}) {
-      const MixtureDelta sparse(*pool_, snapshot, weights, k);
-      EXPECT_LE(MaxDiff(Logits(batch_, &sparse), naive), 1e-4) << "k " << k << " holes " << holes;
-    }
-  }
-  // Gathering pays when tokens · k is at most a quarter of the experts.
-  const at::Tensor weights = top_two(8);
-  EXPECT_EQ(SparseExpertsPerToken(weights.narrow(0, 0, 1)), 2);
-  EXPECT_EQ(SparseExpertsPerToken(weights.narrow(0, 0, 2)), 0);
-  EXPECT_EQ(SparseExpertsPerToken(at::zeros({1, 8})), 1);
-  EXPECT_EQ(SparseExpertsPerToken(at::full({1, 8}, 0.125)), 0);
-}
-
 // The model's room holds one pool's experts: a second pool on the same model keeps its own
 // buffers, and neither disturbs the other.
 TEST_P(ExpertPoolTest, ASecondPoolKeepsItsOwnBuffers) {

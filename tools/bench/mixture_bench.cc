@@ -35,9 +35,6 @@ ABSL_FLAG(std::string, preset, "custom",
 ABSL_FLAG(std::string, ks, "2,4,8", "expert counts K for prefill (fused and K-pass)");
 ABSL_FLAG(std::string, decode_ks, "8", "expert counts K for decode");
 ABSL_FLAG(std::string, decode_batches, "1,8,32,64", "decode batch sizes");
-ABSL_FLAG(int64_t, sparse_top_k, 0,
-          "also time decode with top-k routing (k experts per token, the rest zero): the sparse "
-          "gather path where it pays; 0: no such cases");
 ABSL_FLAG(bool, projections, true, "also time single projections (base, fused, widened)");
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda");
 ABSL_FLAG(bool, adapter_room, true,
@@ -279,9 +276,7 @@ void BM_KPass(benchmark::State& state, int k) {
 // already cached) of the base model (k = 0) or the fused pass over k experts with dense
 // weights: the step the serving engine runs once per generated token. With `graphs`, through
 // DecodeGraphs as the engine runs it (captured at the first step, replayed after).
-// top_k > 0: each token routed to top_k of the k experts (the sparse path where it pays), else
-// uniform weights over all k.
-void BM_Decode(benchmark::State& state, int64_t batch, int k, int top_k, bool graphs) {
+void BM_Decode(benchmark::State& state, int64_t batch, int k, bool graphs) {
   Setup& s = Global();
   const int64_t context = absl::GetFlag(FLAGS_decode_context);
   const int64_t vocab = s.model->config().vocab_size;
@@ -301,14 +296,7 @@ void BM_Decode(benchmark::State& state, int64_t batch, int k, int top_k, bool gr
     Check(s.model->Forward(chunk, *cache).status());
   }
   const auto snapshot = k > 0 ? FirstExperts(k) : nullptr;
-  at::Tensor weights = at::full({batch, std::max(k, 1)}, 1.0 / std::max(k, 1));
-  if (top_k > 0) {
-    weights.zero_();
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int j = 0; j < top_k; ++j) weights[b][(b * 7 + j) % k] = 1.0 / top_k;
-    }
-    state.counters["experts_per_token"] = static_cast<double>(SparseExpertsPerToken(weights));
-  }
+  const at::Tensor weights = at::full({batch, std::max(k, 1)}, 1.0 / std::max(k, 1));
   DecodeGraphs decode_graphs(*s.model, *cache,
                              {.max_batch = batch, .current_snapshot_only = false});
   DecodeGraphs* use = graphs ? &decode_graphs : nullptr;
@@ -419,24 +407,19 @@ int main(int argc, char** argv) {
   }
   std::vector<int64_t> decode_ks = {0};
   for (int64_t k : moelora::IntList(absl::GetFlag(FLAGS_decode_ks))) decode_ks.push_back(k);
-  const int top_k = static_cast<int>(absl::GetFlag(FLAGS_sparse_top_k));
   for (int64_t batch : moelora::IntList(absl::GetFlag(FLAGS_decode_batches))) {
     for (int64_t k : decode_ks) {
-      for (int routed_k : {0, top_k}) {
-        if (routed_k > 0 && (k < routed_k || top_k == 0)) continue;
-        for (bool graphs : {false, true}) {
-          if (graphs && !moelora::DecodeGraphs::CanCapture(*moelora::Global().model)) {
-            continue;  // no CUDA graphs on this build or device
-          }
-          benchmark::RegisterBenchmark(
-              absl::StrCat("decode/", k == 0 ? "base" : absl::StrCat("fused/K=", k),
-                           routed_k > 0 ? absl::StrCat("/top", routed_k) : "", "/batch=", batch,
-                           graphs ? "/graph" : "/eager")
-                  .c_str(),
-              moelora::BM_Decode, batch, static_cast<int>(k), routed_k, graphs)
-              ->Iterations(absl::GetFlag(FLAGS_decode_steps))
-              ->Unit(benchmark::kMillisecond);
+      for (bool graphs : {false, true}) {
+        if (graphs && !moelora::DecodeGraphs::CanCapture(*moelora::Global().model)) {
+          continue;  // no CUDA graphs on this build or device
         }
+        benchmark::RegisterBenchmark(
+            absl::StrCat("decode/", k == 0 ? "base" : absl::StrCat("fused/K=", k), "/batch=", batch,
+                         graphs ? "/graph" : "/eager")
+                .c_str(),
+            moelora::BM_Decode, batch, static_cast<int>(k), graphs)
+            ->Iterations(absl::GetFlag(FLAGS_decode_steps))
+            ->Unit(benchmark::kMillisecond);
       }
     }
   }
