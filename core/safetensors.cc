@@ -425,8 +425,11 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
 
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
-  // Every tensor is read once, soon: fault the pages in with one call, not one fault per page.
-  void* mapping = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+  // Every tensor is read once, soon: fault a small file's pages (an adapter's) in with one call,
+  // not one fault per page. Model shards of many GB are left to fault in as they are read.
+  constexpr uint64_t kPopulateUpTo = uint64_t{1} << 30;
+  const int populate = file_size <= kPopulateUpTo ? MAP_POPULATE : 0;
+  void* mapping = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE | populate, fd, 0);
   if (mapping == MAP_FAILED) {
     return absl::ErrnoToStatus(errno, absl::StrCat(path, ": cannot mmap ", file_size, " bytes"));
   }

@@ -185,7 +185,8 @@ absl::Status Server::Init() {
           absl::StrCat("loading model ", options_.model_dir, " on ", options_.load.device.str(),
                        " as ", c10::toString(options_.load.dtype)));
   LoadOptions load = options_.load;
-  // Room for the pool's A stacks after every weight: the shrink then rides the base GEMM.
+  // Room for the pool's stacks next to every weight, so the base GEMMs do part of the LoRA work
+  // (docs/architecture.md, "The fused pass").
   load.adapter_room_rows = options_.pool.capacity * options_.pool.max_rank;
   ASSIGN_OR_RETURN(model_, Model::Load(options_.model_dir, load));
   ASSIGN_OR_RETURN(pool_, ExpertPool::Create(*model_, options_.pool));
