@@ -81,12 +81,18 @@ void LinearDelta::ScaledShrinkInto(const ProjectionId& /*id*/, const at::Tensor&
   TORCH_CHECK(false, "ScaledShrinkInto called on a delta that keeps no columns in a room");
 }
 
+namespace {
+int64_t AlignedColumns(int64_t columns) { return (columns + 63) / 64 * 64; }
+}  // namespace
+
 Linear::Linear(ProjectionId id, at::Tensor weight, at::Tensor bias, int64_t room, RoomLayout layout)
     : id_(id), weight_(std::move(weight)), bias_(std::move(bias)), layout_(layout) {
   if (room <= 0) return;
   const int64_t out = weight_.size(0), in = weight_.size(1);
   if (layout == RoomLayout::kColumns) {
-    weight_and_room_ = at::zeros({out, in + room}, weight_.options());
+    // Rows padded to a multiple of 64 elements: the widest GEMMs (gate, up) then read W, base
+    // model included, with an aligned leading dimension.
+    weight_and_room_ = at::zeros({out, AlignedColumns(in + room)}, weight_.options());
     weight_and_room_.narrow(1, 0, in).copy_(weight_);
     weight_ = weight_and_room_.narrow(1, 0, in);
     room_ = weight_and_room_.narrow(1, in, room);
@@ -119,7 +125,8 @@ at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta) const 
     } else if (const std::optional<int64_t> columns = delta->ExpandColumnsInRoom(id_);
                columns.has_value()) {
       const int64_t in = in_features();
-      const at::Tensor widened = at::empty({x.size(0), in + *columns}, x.options());
+      const at::Tensor widened = at::empty({x.size(0), AlignedColumns(in + *columns)}, x.options())
+                                     .narrow(1, 0, in + *columns);
       widened.narrow(1, 0, in).copy_(x);
       delta->ScaledShrinkInto(id_, x, widened.narrow(1, in, *columns));
       return at::linear(widened, weight_and_room_.narrow(1, 0, in + *columns), bias_);
