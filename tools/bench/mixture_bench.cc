@@ -38,8 +38,8 @@ ABSL_FLAG(std::string, decode_batches, "1,8,32,64", "decode batch sizes");
 ABSL_FLAG(bool, projections, true, "also time single projections (base, fused, widened)");
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda");
 ABSL_FLAG(bool, adapter_room, true,
-          "load the model with room for the pool's A after each weight (the server's layout: "
-          "the shrink rides the base GEMM); false keeps A in separate buffers");
+          "load the model with room for the pool's stacks beside each weight (the server's "
+          "layout: the base GEMMs share the LoRA work); false keeps them in the pool's buffers");
 ABSL_FLAG(std::string, dtype, "fp32", "fp32, bf16 or fp16");
 ABSL_FLAG(int64_t, hidden, 256, "hidden size");
 ABSL_FLAG(int64_t, intermediate, 1024, "MLP intermediate size");
