@@ -191,12 +191,8 @@ absl::StatusOr<ExpertInfo> ExpertPool::Attach(const Adapter& adapter) {
     // copies neither wait for nor delay the step running on the model's stream. The slot is
     // free: no snapshot holds it, so no forward reads these rows.
     const c10::Device device = model_.options().device;
-    int64_t staging_elements = 0;
-    for (const Stack& stack : stacks_) {
-      staging_elements += max_rank * (stack.a.size(1) + stack.bt.size(1));
-    }
     const at::Tensor staging = at::empty(
-        {staging_elements},
+        {info.reserved_bytes / element_size},  // the slot's rows of every stack
         at::TensorOptions().dtype(model_.options().dtype).pinned_memory(device.is_cuda()));
     std::vector<at::Tensor> a_rows, bt_rows;  // per stack, views into `staging`
     int64_t offset = 0;
@@ -331,22 +327,22 @@ MixtureDelta::MixtureDelta(const ExpertPool& pool, std::shared_ptr<const ExpertS
   }
 }
 
-std::optional<int64_t> MixtureDelta::ShrinkRowsInRoom(const ProjectionId& id) const {
+std::optional<int64_t> MixtureDelta::ActiveRowsInRoom(const ProjectionId& id,
+                                                      bool ExpertPool::Stack::*in_room) const {
   const int64_t index = ProjectionIndex(id);
   if (!snapshot_->targeted_[index] || !snapshot_->slots_are_prefix_ ||
-      !pool_.stacks_[index].a_in_room || row_weights_.requires_grad()) {
+      !(pool_.stacks_[index].*in_room) || row_weights_.requires_grad()) {
     return std::nullopt;
   }
   return snapshot_->size() * pool_.options_.max_rank;
 }
 
+std::optional<int64_t> MixtureDelta::ShrinkRowsInRoom(const ProjectionId& id) const {
+  return ActiveRowsInRoom(id, &ExpertPool::Stack::a_in_room);
+}
+
 std::optional<int64_t> MixtureDelta::ExpandColumnsInRoom(const ProjectionId& id) const {
-  const int64_t index = ProjectionIndex(id);
-  if (!snapshot_->targeted_[index] || !snapshot_->slots_are_prefix_ ||
-      !pool_.stacks_[index].bt_in_room || row_weights_.requires_grad()) {
-    return std::nullopt;
-  }
-  return snapshot_->size() * pool_.options_.max_rank;
+  return ActiveRowsInRoom(id, &ExpertPool::Stack::bt_in_room);
 }
 
 void MixtureDelta::ScaledShrinkInto(const ProjectionId& id, const at::Tensor& x,

@@ -179,6 +179,11 @@ class MixtureDelta : public LinearDelta {
   void ScaledShrinkInto(const ProjectionId& id, const at::Tensor& x, at::Tensor out) const override;
 
  private:
+  // The active rows when the stack member `in_room` says this projection's A (or Bᵀ) is in its
+  // room, the active slots are a prefix, and nothing needs gradients; else nullopt.
+  std::optional<int64_t> ActiveRowsInRoom(const ProjectionId& id,
+                                          bool ExpertPool::Stack::*in_room) const;
+
   const ExpertPool& pool_;
   std::shared_ptr<const ExpertSnapshot> snapshot_;
   at::Tensor row_weights_;  // [tokens, n * max_rank], model dtype: weights over rank rows
