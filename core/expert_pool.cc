@@ -76,25 +76,55 @@ absl::StatusOr<std::unique_ptr<ExpertPool>> ExpertPool::Create(const Model& mode
   }
   std::unique_ptr<ExpertPool> pool(new ExpertPool(model, options));
   const ModelConfig& config = model.config();
-  const int64_t rows = options.capacity * options.max_rank;
+  const int64_t capacity = options.capacity, max_rank = options.max_rank;
   const auto tensor_options =
       at::TensorOptions().dtype(model.options().dtype).device(model.options().device);
-  // The model's room fits exactly this pool's A stacks, or the pool allocates its own.
-  pool->owns_model_room_ = model.options().adapter_room_rows == rows && model.ClaimAdapterRoom();
+  // The model's room fits exactly this pool's stacks, or the pool allocates its own.
+  const AdapterRoom& room = model.options().adapter_room;
+  pool->owns_model_room_ =
+      room.slots == capacity && room.rank == max_rank && model.ClaimAdapterRoom();
   try {
+    pool->stacks_.resize(config.num_hidden_layers * kNumProjectionKinds);
+    pool->group_stacks_.resize(pool->stacks_.size());
     for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
+      // In the room, q, k and v take their Bᵀ from one block-diagonal buffer (zeros off the
+      // diagonal blocks stay zero: attach writes only each member's own block).
+      const LinearGroup& qkv = model.qkv(layer);
+      at::Tensor qkv_bt;
+      if (pool->owns_model_room_) {
+        const int64_t members = static_cast<int64_t>(qkv.members().size());
+        GroupStack& group = pool->group_stacks_[ProjectionIndex(qkv.ids().front())];
+        group.members = members;
+        group.bt = at::zeros({capacity * members * max_rank, qkv.out_features()}, tensor_options);
+        pool->group_members_ = members;
+        pool->reserved_bytes_ += group.bt.numel() * group.bt.element_size();
+        qkv_bt = group.bt.view({capacity, members, max_rank, qkv.out_features()});
+      }
       for (int k = 0; k < kNumProjectionKinds; ++k) {
-        const Linear& linear = model.projection(layer, static_cast<ProjectionKind>(k));
-        Stack stack;
+        const auto kind = static_cast<ProjectionKind>(k);
+        const Linear& linear = model.projection(layer, kind);
+        Stack& stack = pool->stacks_[ProjectionIndex({layer, kind})];
         const bool rows_room = linear.room_layout() == RoomLayout::kRows;
         stack.a_in_room = pool->owns_model_room_ && rows_room;
         stack.bt_in_room = pool->owns_model_room_ && !rows_room;
         // A previous pool may have left experts in the room.
-        stack.a = stack.a_in_room ? linear.room().zero_()
-                                  : at::zeros({rows, linear.in_features()}, tensor_options);
-        stack.bt = stack.bt_in_room ? linear.room().zero_().t()
-                                    : at::zeros({rows, linear.out_features()}, tensor_options);
-        pool->stacks_.push_back(std::move(stack));
+        stack.a = stack.a_in_room
+                      ? linear.room().zero_()
+                      : at::zeros({capacity, max_rank, linear.in_features()}, tensor_options);
+        int64_t member = -1;
+        for (size_t i = 0; i < qkv.ids().size(); ++i) {
+          if (qkv.ids()[i].kind == kind) member = static_cast<int64_t>(i);
+        }
+        if (qkv_bt.defined() && member >= 0) {
+          stack.bt =
+              qkv_bt.select(1, member).narrow(2, qkv.output_offset(member), linear.out_features());
+        } else {
+          stack.bt = stack.bt_in_room
+                         ? linear.room().zero_()
+                         : at::zeros({capacity, max_rank, linear.out_features()}, tensor_options);
+          pool->reserved_bytes_ += stack.bt.numel() * stack.bt.element_size();
+        }
+        pool->reserved_bytes_ += stack.a.numel() * stack.a.element_size();
       }
     }
   } catch (const c10::Error& e) {
@@ -111,13 +141,7 @@ absl::StatusOr<std::unique_ptr<ExpertPool>> ExpertPool::Create(const Model& mode
   return pool;
 }
 
-int64_t ExpertPool::reserved_bytes() const {
-  int64_t total = 0;
-  for (const Stack& stack : stacks_) {
-    total += (stack.a.numel() + stack.bt.numel()) * stack.a.element_size();
-  }
-  return total;
-}
+int64_t ExpertPool::reserved_bytes() const { return reserved_bytes_; }
 
 std::shared_ptr<const ExpertSnapshot> ExpertPool::snapshot() const {
   absl::MutexLock lock(&snapshot_mu_);
@@ -182,9 +206,10 @@ absl::StatusOr<ExpertInfo> ExpertPool::Attach(const Adapter& adapter) {
   info.num_modules = static_cast<int64_t>(adapter.modules().size());
   const int64_t element_size = stacks_.front().a.element_size();
   info.device_bytes = adapter.bytes(element_size);
-  for (const Stack& stack : stacks_) {
-    info.reserved_bytes += max_rank * (stack.a.size(1) + stack.bt.size(1)) * element_size;
-  }
+  info.reserved_bytes = reserved_bytes_ / options_.capacity;
+  int64_t staged_elements = 0;  // the slot's rows of every stack
+  for (const Stack& stack : stacks_)
+    staged_elements += max_rank * (stack.a.size(2) + stack.bt.size(2));
   try {
     // The slot's rows of every stack, A (scaled) then Bᵀ, zeros past each module's rank, are
     // laid out in one host buffer (pinned for a CUDA pool) and copied on a side stream: the
@@ -192,12 +217,12 @@ absl::StatusOr<ExpertInfo> ExpertPool::Attach(const Adapter& adapter) {
     // free: no snapshot holds it, so no forward reads these rows.
     const c10::Device device = model_.options().device;
     const at::Tensor staging = at::empty(
-        {info.reserved_bytes / element_size},  // the slot's rows of every stack
+        {staged_elements},
         at::TensorOptions().dtype(model_.options().dtype).pinned_memory(device.is_cuda()));
     std::vector<at::Tensor> a_rows, bt_rows;  // per stack, views into `staging`
     int64_t offset = 0;
     for (const Stack& stack : stacks_) {
-      const int64_t in = stack.a.size(1), out = stack.bt.size(1);
+      const int64_t in = stack.a.size(2), out = stack.bt.size(2);
       a_rows.push_back(staging.narrow(0, offset, max_rank * in).view({max_rank, in}));
       offset += max_rank * in;
       bt_rows.push_back(staging.narrow(0, offset, max_rank * out).view({max_rank, out}));
@@ -226,8 +251,8 @@ absl::StatusOr<ExpertInfo> ExpertPool::Attach(const Adapter& adapter) {
     CopyOnSideStream(device, [&] {
       for (size_t index = 0; index < stacks_.size(); ++index) {
         Stack& stack = stacks_[index];
-        stack.a.narrow(0, slot * max_rank, max_rank).copy_(a_rows[index], /*non_blocking=*/true);
-        stack.bt.narrow(0, slot * max_rank, max_rank).copy_(bt_rows[index], /*non_blocking=*/true);
+        stack.a.select(0, slot).copy_(a_rows[index], /*non_blocking=*/true);
+        stack.bt.select(0, slot).copy_(bt_rows[index], /*non_blocking=*/true);
       }
     });
   } catch (const c10::Error& e) {
@@ -298,12 +323,9 @@ absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> ExpertPool::BuildSnapshot(
   for (const auto& expert : experts) {
     for (const auto& [index, scaling] : expert->scaling()) snapshot->targeted_[index] = true;
   }
-  std::vector<int64_t> rows;
-  for (int64_t slot : snapshot->slots_) {
-    for (int64_t r = 0; r < options_.max_rank; ++r) rows.push_back(slot * options_.max_rank + r);
-  }
   try {
-    snapshot->row_index_ = at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(device);
+    snapshot->slot_index_ =
+        at::tensor(snapshot->slots_, at::TensorOptions().dtype(at::kLong)).to(device);
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("building expert snapshot: ", e.what_without_backtrace()));
@@ -320,12 +342,24 @@ MixtureDelta::MixtureDelta(const ExpertPool& pool, std::shared_ptr<const ExpertS
     const int64_t tokens = weights.size(0);
     const int64_t max_rank = pool_.options_.max_rank;
     // Each expert's weight repeated over its rank rows, in the model's dtype: [tokens, n * R].
-    row_weights_ = weights.unsqueeze(2)
-                       .expand({tokens, n, max_rank})
-                       .reshape({tokens, n * max_rank})
-                       .to(pool_.model_.options().dtype);
+    auto over_rows = [&](int64_t rows_per_expert) {
+      return weights.unsqueeze(2)
+          .expand({tokens, n, rows_per_expert})
+          .reshape({tokens, n * rows_per_expert})
+          .to(pool_.model_.options().dtype);
+    };
+    row_weights_ = over_rows(max_rank);
+    if (pool_.group_members_ > 0) group_row_weights_ = over_rows(pool_.group_members_ * max_rank);
   }
 }
+
+namespace {
+// Rows [0, n) of a [slots, rank, width] stack as one [n * rank, width] matrix (a view when the
+// stack is contiguous; a copy for a group member's strided room).
+at::Tensor FirstSlots(const at::Tensor& stack, int64_t n) {
+  return stack.narrow(0, 0, n).reshape({n * stack.size(1), stack.size(2)});
+}
+}  // namespace
 
 std::optional<int64_t> MixtureDelta::ActiveRowsInRoom(const ProjectionId& id,
                                                       bool ExpertPool::Stack::*in_room) const {
@@ -347,16 +381,35 @@ std::optional<int64_t> MixtureDelta::ExpandColumnsInRoom(const ProjectionId& id)
 
 void MixtureDelta::ScaledShrinkInto(const ProjectionId& id, const at::Tensor& x,
                                     at::Tensor out) const {
-  const at::Tensor a = pool_.stacks_[ProjectionIndex(id)].a.narrow(0, 0, out.size(-1));
+  const at::Tensor a = FirstSlots(pool_.stacks_[ProjectionIndex(id)].a, snapshot_->size());
   at::mm_out(out, x, a.t());
   out.mul_(row_weights_);
 }
 
 at::Tensor MixtureDelta::ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
                                      at::Tensor base_output) const {
-  const at::Tensor bt = pool_.stacks_[ProjectionIndex(id)].bt.narrow(0, 0, shrink.size(-1));
+  const at::Tensor bt = FirstSlots(pool_.stacks_[ProjectionIndex(id)].bt, snapshot_->size());
   shrink.mul_(row_weights_);
   return base_output.addmm_(shrink, bt);
+}
+
+std::optional<int64_t> MixtureDelta::GroupShrinkRowsInRoom(
+    absl::Span<const ProjectionId> members) const {
+  const ExpertPool::GroupStack& group = pool_.group_stacks_[ProjectionIndex(members.front())];
+  if (group.members == 0 || !snapshot_->slots_are_prefix_ || row_weights_.requires_grad()) {
+    return std::nullopt;
+  }
+  bool targeted = false;
+  for (const ProjectionId& id : members) targeted |= snapshot_->targeted_[ProjectionIndex(id)];
+  if (!targeted) return std::nullopt;
+  return snapshot_->size() * group.members * pool_.options_.max_rank;
+}
+
+at::Tensor MixtureDelta::ApplyGroupShrunk(absl::Span<const ProjectionId> members, at::Tensor shrink,
+                                          at::Tensor base_output) const {
+  const ExpertPool::GroupStack& group = pool_.group_stacks_[ProjectionIndex(members.front())];
+  shrink.mul_(group_row_weights_);
+  return base_output.addmm_(shrink, group.bt.narrow(0, 0, shrink.size(-1)));
 }
 
 at::Tensor MixtureDelta::Apply(const ProjectionId& id, const at::Tensor& x,
@@ -364,15 +417,15 @@ at::Tensor MixtureDelta::Apply(const ProjectionId& id, const at::Tensor& x,
   const int64_t index = ProjectionIndex(id);
   if (!snapshot_->targeted_[index]) return base_output;  // no attached expert adapts it
   const ExpertPool::Stack& stack = pool_.stacks_[index];
-  const int64_t rows = snapshot_->size() * pool_.options_.max_rank;
+  const int64_t n = snapshot_->size();
   at::Tensor a, bt;
   if (snapshot_->slots_are_prefix_) {
-    a = stack.a.narrow(0, 0, rows);
-    bt = stack.bt.narrow(0, 0, rows);
+    a = FirstSlots(stack.a, n);
+    bt = FirstSlots(stack.bt, n);
   } else {
     // Read only the pinned slots' rows: a free slot may be being written by an attach.
-    a = stack.a.index_select(0, snapshot_->row_index_);
-    bt = stack.bt.index_select(0, snapshot_->row_index_);
+    a = FirstSlots(stack.a.index_select(0, snapshot_->slot_index_), n);
+    bt = FirstSlots(stack.bt.index_select(0, snapshot_->slot_index_), n);
   }
   at::Tensor shrink = at::linear(x, a);  // [tokens, rows], scaling already in A
   if (row_weights_.requires_grad() || x.requires_grad()) {

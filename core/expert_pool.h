@@ -4,13 +4,16 @@
 // Fixed-capacity device storage for LoRA experts, and the immutable snapshots forwards run on.
 //
 // Every projection (layer, kind) owns two stacks allocated once at start-up:
-//   A_all [capacity * max_rank, in]  and  Bt_all [capacity * max_rank, out]   (Bt = Bᵀ)
-// When the model was loaded with adapter_room_rows = capacity * max_rank (the server does), A_all
-// (row room) or Bt_all (column room, as the transposed view of B_all) lives in the projection's
-// room next to its weight, and the base GEMM computes the shrink or the expand too.
-// Slot s owns rows [s * max_rank, (s + 1) * max_rank): the expert's rank rows, then zeros. An
-// expert that does not target a projection leaves its rows there zero. The expert's scaling s
-// (alpha/r, alpha/sqrt(r), patterns) is folded into its A rows at attach.
+//   A_all [capacity, max_rank, in]  and  Bt_all [capacity, max_rank, out]   (Bt = Bᵀ)
+// When the model was loaded with adapter room for capacity slots of max_rank rows (the server
+// does), A_all (row room) or Bt_all (column room, a transposed view of B_all) lives in the
+// projection's room next to its weight, and the base GEMM computes the shrink or the expand too.
+// q, k and v share one room (slot-major across the three, see LinearGroup) and their Bt_all are
+// blocks of one block-diagonal [capacity × 3 × max_rank, q + k + v] buffer: one GEMM computes
+// the three outputs and shrinks, one more the three expands.
+// Slot s of a stack holds the expert's rank rows, then zeros. An expert that does not target a
+// projection leaves its rows there zero. The expert's scaling s (alpha/r, alpha/sqrt(r),
+// patterns) is folded into its A rows at attach.
 //
 // Attach = load + validate + copy into a free slot + publish a new snapshot. Detach = publish a
 // snapshot without the expert. A slot returns to the free list only when the last snapshot that
@@ -96,7 +99,7 @@ class ExpertSnapshot {
   // (no copy), otherwise their rows are gathered.
   std::vector<int64_t> slots_;
   bool slots_are_prefix_ = true;
-  at::Tensor row_index_;  // long [n * max_rank] on the device: the active slots' stack rows
+  at::Tensor slot_index_;  // long [n] on the device: the active slots
   // Per projection (layer * kNumProjectionKinds + kind): does any active expert adapt it?
   std::vector<bool> targeted_;
 };
@@ -136,10 +139,16 @@ class ExpertPool {
  private:
   friend class MixtureDelta;
   struct Stack {
-    at::Tensor a;             // [capacity * max_rank, in]
-    at::Tensor bt;            // [capacity * max_rank, out]
+    at::Tensor a;             // [capacity, max_rank, in]
+    at::Tensor bt;            // [capacity, max_rank, out]
     bool a_in_room = false;   // a is the projection's row room
     bool bt_in_room = false;  // bt is the transposed view of its column room
+  };
+  // A LinearGroup's members' Bᵀ stacks, block-diagonal, for its one expand GEMM:
+  // [capacity * members * max_rank, Σ out]; rows ordered like the group's room.
+  struct GroupStack {
+    int64_t members = 0;
+    at::Tensor bt;
   };
 
   ExpertPool(const Model& model, const ExpertPoolOptions& options);
@@ -150,6 +159,10 @@ class ExpertPool {
   const Model& model_;
   const ExpertPoolOptions options_;
   std::vector<Stack> stacks_;  // per projection
+  // Per projection index of a group's first member; empty (members 0) elsewhere.
+  std::vector<GroupStack> group_stacks_;
+  int64_t group_members_ = 0;  // members of the groups with a GroupStack (q/k/v: 3), else 0
+  int64_t reserved_bytes_ = 0;
   bool owns_model_room_ = false;
   std::shared_ptr<SlotAllocator> allocator_;
 
@@ -177,6 +190,10 @@ class MixtureDelta : public LinearDelta {
                          at::Tensor base_output) const override;
   std::optional<int64_t> ExpandColumnsInRoom(const ProjectionId& id) const override;
   void ScaledShrinkInto(const ProjectionId& id, const at::Tensor& x, at::Tensor out) const override;
+  std::optional<int64_t> GroupShrinkRowsInRoom(
+      absl::Span<const ProjectionId> members) const override;
+  at::Tensor ApplyGroupShrunk(absl::Span<const ProjectionId> members, at::Tensor shrink,
+                              at::Tensor base_output) const override;
 
  private:
   // The active rows when the stack member `in_room` says this projection's A (or Bᵀ) is in its
@@ -187,6 +204,8 @@ class MixtureDelta : public LinearDelta {
   const ExpertPool& pool_;
   std::shared_ptr<const ExpertSnapshot> snapshot_;
   at::Tensor row_weights_;  // [tokens, n * max_rank], model dtype: weights over rank rows
+  // [tokens, n * 3 * max_rank]: the same for the q/k/v group's slot-major rows, when it has room.
+  at::Tensor group_row_weights_;
 };
 
 inline int64_t ProjectionIndex(const ProjectionId& id) {

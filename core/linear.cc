@@ -81,39 +81,54 @@ void LinearDelta::ScaledShrinkInto(const ProjectionId& /*id*/, const at::Tensor&
   TORCH_CHECK(false, "ScaledShrinkInto called on a delta that keeps no columns in a room");
 }
 
+at::Tensor LinearDelta::ApplyGroupShrunk(absl::Span<const ProjectionId> /*members*/,
+                                         at::Tensor /*shrink*/, at::Tensor base_output) const {
+  TORCH_CHECK(false, "ApplyGroupShrunk called on a delta that keeps no rows in a group's room");
+  return base_output;
+}
+
 namespace {
 int64_t AlignedColumns(int64_t columns) { return (columns + 63) / 64 * 64; }
 }  // namespace
 
-Linear::Linear(ProjectionId id, at::Tensor weight, at::Tensor bias, int64_t room, RoomLayout layout)
+Linear::Linear(ProjectionId id, at::Tensor weight, at::Tensor bias, AdapterRoom room,
+               RoomLayout layout)
     : id_(id), weight_(std::move(weight)), bias_(std::move(bias)), layout_(layout) {
-  if (room <= 0) return;
-  const int64_t out = weight_.size(0), in = weight_.size(1);
+  if (room.empty()) return;
+  const int64_t out = weight_.size(0), in = weight_.size(1), rows = room.rows();
   if (layout == RoomLayout::kColumns) {
     // Rows padded to a multiple of 64 elements: the widest GEMMs (gate, up) then read W, base
     // model included, with an aligned leading dimension.
-    weight_and_room_ = at::zeros({out, AlignedColumns(in + room)}, weight_.options());
+    weight_and_room_ = at::zeros({out, AlignedColumns(in + rows)}, weight_.options());
     weight_and_room_.narrow(1, 0, in).copy_(weight_);
     weight_ = weight_and_room_.narrow(1, 0, in);
-    room_ = weight_and_room_.narrow(1, in, room);
+    // Column in + s * rank + j holds row j of slot s of Bᵀ.
+    room_ =
+        weight_and_room_.narrow(1, in, rows).view({out, room.slots, room.rank}).permute({1, 2, 0});
     return;
   }
-  weight_and_room_ = at::zeros({out + room, in}, weight_.options());
+  weight_and_room_ = at::zeros({out + rows, in}, weight_.options());
   weight_and_room_.narrow(0, 0, out).copy_(weight_);
   weight_ = weight_and_room_.narrow(0, 0, out);
-  room_ = weight_and_room_.narrow(0, out, room);
+  room_ = weight_and_room_.narrow(0, out, rows).view({room.slots, room.rank, in});
   if (bias_.defined()) {
-    bias_and_room_ = at::zeros({out + room}, bias_.options());
+    bias_and_room_ = at::zeros({out + rows}, bias_.options());
     bias_and_room_.narrow(0, 0, out).copy_(bias_);
     bias_ = bias_and_room_.narrow(0, 0, out);
   }
+}
+
+Linear Linear::GroupMember(ProjectionId id, at::Tensor weight, at::Tensor bias, at::Tensor room) {
+  Linear member(id, std::move(weight), std::move(bias));
+  member.room_ = std::move(room);
+  return member;
 }
 
 int64_t Linear::in_features() const { return weight_.size(1); }
 int64_t Linear::out_features() const { return weight_.size(0); }
 
 at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta) const {
-  if (delta != nullptr && room_.defined() && !x.requires_grad()) {
+  if (delta != nullptr && weight_and_room_.defined() && !x.requires_grad()) {
     if (layout_ == RoomLayout::kRows) {
       if (const std::optional<int64_t> rows = delta->ShrinkRowsInRoom(id_); rows.has_value()) {
         const int64_t out = out_features();
@@ -135,6 +150,70 @@ at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta) const 
   at::Tensor y = at::linear(x, weight_, bias_);
   if (delta != nullptr) y = delta->Apply(id_, x, std::move(y));
   return y;
+}
+
+LinearGroup::LinearGroup(std::vector<ProjectionId> ids, std::vector<at::Tensor> weights,
+                         std::vector<at::Tensor> biases, AdapterRoom room)
+    : ids_(std::move(ids)), has_room_(!room.empty()) {
+  const int64_t members = static_cast<int64_t>(ids_.size());
+  const int64_t in = weights.front().size(1);
+  int64_t out_all = 0;
+  for (const at::Tensor& weight : weights) {
+    offsets_.push_back(out_all);
+    out_all += weight.size(0);
+  }
+  const int64_t room_rows = room.rows() * members;
+  weight_and_room_ = at::zeros({out_all + room_rows, in}, weights.front().options());
+  weight_ = weight_and_room_.narrow(0, 0, out_all);
+  const bool has_bias = biases.front().defined();
+  if (has_bias) {
+    bias_and_room_ = at::zeros({out_all + room_rows}, biases.front().options());
+    bias_ = bias_and_room_.narrow(0, 0, out_all);
+  }
+  // Room row (s * members + i) * rank + j holds row j of slot s of member i's A.
+  const at::Tensor room_by_slot = has_room_ ? weight_and_room_.narrow(0, out_all, room_rows)
+                                                  .view({room.slots, members, room.rank, in})
+                                            : at::Tensor();
+  for (int64_t i = 0; i < members; ++i) {
+    const int64_t out = weights[i].size(0);
+    at::Tensor weight = weight_.narrow(0, offsets_[i], out);
+    weight.copy_(weights[i]);
+    at::Tensor bias;
+    if (has_bias) {
+      bias = bias_.narrow(0, offsets_[i], out);
+      bias.copy_(biases[i]);
+    }
+    members_.push_back(Linear::GroupMember(ids_[i], std::move(weight), std::move(bias),
+                                           has_room_ ? room_by_slot.select(1, i) : at::Tensor()));
+  }
+}
+
+std::vector<at::Tensor> LinearGroup::Split(const at::Tensor& outputs) const {
+  std::vector<at::Tensor> split;
+  for (size_t i = 0; i < members_.size(); ++i) {
+    split.push_back(outputs.narrow(-1, offsets_[i], members_[i].out_features()));
+  }
+  return split;
+}
+
+std::vector<at::Tensor> LinearGroup::Forward(const at::Tensor& x, const LinearDelta* delta) const {
+  if (delta != nullptr && has_room_ && !x.requires_grad()) {
+    if (const std::optional<int64_t> rows = delta->GroupShrinkRowsInRoom(ids_); rows.has_value()) {
+      const int64_t out_all = out_features();
+      const at::Tensor both =
+          at::linear(x, weight_and_room_.narrow(0, 0, out_all + *rows),
+                     bias_.defined() ? bias_and_room_.narrow(0, 0, out_all + *rows) : at::Tensor());
+      return Split(delta->ApplyGroupShrunk(ids_, both.narrow(-1, out_all, *rows),
+                                           both.narrow(-1, 0, out_all)));
+    }
+  }
+  std::vector<at::Tensor> outputs = Split(at::linear(x, weight_, bias_));
+  if (delta != nullptr) {
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      outputs[i] = delta->Apply(ids_[i], x, std::move(outputs[i]));
+    }
+  }
+  return outputs;
 }
 
 }  // namespace moelora

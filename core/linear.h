@@ -9,8 +9,10 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "core/model_config.h"
 
 namespace moelora {
@@ -70,6 +72,24 @@ class LinearDelta {
   }
   // Writes the weighted shrink (the expand GEMM's input) into `out` [tokens, N], a column block.
   virtual void ScaledShrinkInto(const ProjectionId& id, const at::Tensor& x, at::Tensor out) const;
+
+  // ShrinkRowsInRoom and ApplyShrunk for a LinearGroup with these members: N rows of the group's
+  // room (slot-major over the members) and shrink [tokens, N]; base_output [tokens, Σ out].
+  virtual std::optional<int64_t> GroupShrinkRowsInRoom(
+      absl::Span<const ProjectionId> /*members*/) const {
+    return std::nullopt;
+  }
+  virtual at::Tensor ApplyGroupShrunk(absl::Span<const ProjectionId> members, at::Tensor shrink,
+                                      at::Tensor base_output) const;
+};
+
+// Room next to a projection's weight for an expert pool's stacked LoRA matrices: `slots` slots
+// (the pool's capacity) of `rank` rows (its max_rank). None when either is 0.
+struct AdapterRoom {
+  int64_t slots = 0;
+  int64_t rank = 0;
+  int64_t rows() const { return slots * rank; }
+  bool empty() const { return rows() == 0; }
 };
 
 // Where an expert pool may keep its stacked LoRA matrices right next to a projection's weight,
@@ -83,10 +103,13 @@ enum class RoomLayout { kRows, kColumns };
 class Linear {
  public:
   Linear() = default;
-  // weight: [out, in]; bias: [out] or undefined. Copies the weight into a new buffer when
-  // room > 0 (and, for row room, the bias, followed by zeros).
-  Linear(ProjectionId id, at::Tensor weight, at::Tensor bias, int64_t room = 0,
+  // weight: [out, in]; bias: [out] or undefined. Copies the weight into a new buffer when there
+  // is room (and, for row room, the bias, followed by zeros).
+  Linear(ProjectionId id, at::Tensor weight, at::Tensor bias, AdapterRoom room = {},
          RoomLayout layout = RoomLayout::kRows);
+  // A member of a LinearGroup: views into the group's buffers. Its room (a strided view) is
+  // filled by the pool; its Forward never folds the room into the GEMM (the group's does).
+  static Linear GroupMember(ProjectionId id, at::Tensor weight, at::Tensor bias, at::Tensor room);
 
   // x: [tokens, in] -> [tokens, out]. `delta` may be null (plain base model).
   at::Tensor Forward(const at::Tensor& x, const LinearDelta* delta) const;
@@ -96,8 +119,9 @@ class Linear {
   const at::Tensor& bias() const { return bias_; }
   int64_t in_features() const;
   int64_t out_features() const;
-  // kRows: [n, in]; kColumns: [out, n] (a strided view); undefined without room. It shares the
-  // weight's buffer: whoever owns the room (one expert pool) writes it through this handle.
+  // The pool's stack as it lies in the room: kRows: A, [slots, rank, in]; kColumns: Bᵀ,
+  // [slots, rank, out] (a strided view); undefined without room. It shares the weight's buffer:
+  // whoever owns the room (one expert pool) writes it through this handle.
   const at::Tensor& room() const { return room_; }
   RoomLayout room_layout() const { return layout_; }
 
@@ -106,9 +130,42 @@ class Linear {
   at::Tensor weight_;  // [out, in]; with room, a view of weight_and_room_
   at::Tensor bias_;
   RoomLayout layout_ = RoomLayout::kRows;
-  at::Tensor weight_and_room_;  // [out + n, in] or [out, in + n]
+  at::Tensor weight_and_room_;  // [out + n, in] or [out, in + n]; undefined for group members
   at::Tensor bias_and_room_;    // kRows: [out + n], zeros after the bias
   at::Tensor room_;
+};
+
+// Projections that read the same input (q, k and v) with their weights stacked in one buffer, so
+// the base model runs one GEMM for all of them. With room the buffer is [W_0; W_1; ...; room],
+// the room's rows ordered [slot][member][rank]: the active slots' A rows of every member are one
+// prefix, and x·[W_all; A_active]ᵀ gives every output and every shrink in one GEMM.
+class LinearGroup {
+ public:
+  LinearGroup() = default;
+  // Weights [out_i, in] with one `in`; biases all defined or all undefined.
+  LinearGroup(std::vector<ProjectionId> ids, std::vector<at::Tensor> weights,
+              std::vector<at::Tensor> biases, AdapterRoom room = {});
+
+  // x: [tokens, in] -> one output per member, column blocks of one buffer.
+  std::vector<at::Tensor> Forward(const at::Tensor& x, const LinearDelta* delta) const;
+
+  const std::vector<Linear>& members() const { return members_; }
+  const std::vector<ProjectionId>& ids() const { return ids_; }
+  int64_t out_features() const { return weight_.size(0); }  // all members together
+  // Where member i's output starts in the group's output.
+  int64_t output_offset(int64_t i) const { return offsets_[i]; }
+
+ private:
+  std::vector<at::Tensor> Split(const at::Tensor& outputs) const;
+
+  std::vector<ProjectionId> ids_;
+  std::vector<Linear> members_;
+  std::vector<int64_t> offsets_;
+  at::Tensor weight_and_room_;  // [out_all + room rows × members, in]
+  at::Tensor bias_and_room_;
+  at::Tensor weight_;  // [out_all, in], a view
+  at::Tensor bias_;
+  bool has_room_ = false;
 };
 
 }  // namespace moelora

@@ -100,9 +100,10 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
     return absl::InvalidArgumentError(
         absl::StrCat("model dtype must be floating point, got ", c10::toString(options.dtype)));
   }
-  if (options.adapter_room_rows < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("adapter_room_rows must be >= 0, got ", options.adapter_room_rows));
+  if (options.adapter_room.slots < 0 || options.adapter_room.rank < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("adapter room slots and rank must be >= 0, got ",
+                                                   options.adapter_room.slots, " and ",
+                                                   options.adapter_room.rank));
   }
   std::unique_ptr<Model> model(new Model());
   model->options_ = options;
@@ -151,21 +152,38 @@ absl::Status Model::LoadWeights(const std::string& dir) {
     ASSIGN_OR_RETURN(layer.input_norm, load_norm(prefix + "input_layernorm.weight"));
     ASSIGN_OR_RETURN(layer.post_attention_norm,
                      load_norm(prefix + "post_attention_layernorm.weight"));
+    std::vector<at::Tensor> weights(kNumProjectionKinds), biases(kNumProjectionKinds);
     for (int k = 0; k < kNumProjectionKinds; ++k) {
-      const auto kind = static_cast<ProjectionKind>(k);
-      const auto [out, in, has_bias] = ShapeOf(c, kind);
-      const ProjectionId id{i, kind};
-      const std::string path = id.ModulePath();
-      ASSIGN_OR_RETURN(at::Tensor weight, load(path + ".weight", {out, in}));
-      at::Tensor bias;
+      const auto [out, in, has_bias] = ShapeOf(c, static_cast<ProjectionKind>(k));
+      const std::string path = ProjectionId{i, static_cast<ProjectionKind>(k)}.ModulePath();
+      ASSIGN_OR_RETURN(weights[k], load(path + ".weight", {out, in}));
       if (has_bias) {
-        ASSIGN_OR_RETURN(bias, load(path + ".bias", {out}));
+        ASSIGN_OR_RETURN(biases[k], load(path + ".bias", {out}));
       }
+    }
+    const std::vector<ProjectionKind> qkv = {ProjectionKind::kQ, ProjectionKind::kK,
+                                             ProjectionKind::kV};
+    std::vector<ProjectionId> qkv_ids;
+    std::vector<at::Tensor> qkv_weights, qkv_biases;
+    for (ProjectionKind kind : qkv) {
+      qkv_ids.push_back({i, kind});
+      qkv_weights.push_back(std::move(weights[static_cast<int>(kind)]));
+      qkv_biases.push_back(std::move(biases[static_cast<int>(kind)]));
+    }
+    layer.qkv = LinearGroup(std::move(qkv_ids), std::move(qkv_weights), std::move(qkv_biases),
+                            options_.adapter_room);
+    for (size_t member = 0; member < qkv.size(); ++member) {
+      layer.projections[static_cast<int>(qkv[member])] = layer.qkv.members()[member];
+    }
+    for (ProjectionKind kind :
+         {ProjectionKind::kO, ProjectionKind::kGate, ProjectionKind::kUp, ProjectionKind::kDown}) {
+      const int k = static_cast<int>(kind);
       // Wider outputs than inputs (gate, up) take B next to W: re-reading and re-writing their
       // output for the expand would cost more than copying their input once.
+      const bool wide = weights[k].size(0) > weights[k].size(1);
       layer.projections[k] =
-          Linear(id, std::move(weight), std::move(bias), options_.adapter_room_rows,
-                 out > in ? RoomLayout::kColumns : RoomLayout::kRows);
+          Linear({i, kind}, std::move(weights[k]), std::move(biases[k]), options_.adapter_room,
+                 wide ? RoomLayout::kColumns : RoomLayout::kRows);
     }
   }
   return absl::OkStatus();
@@ -286,8 +304,10 @@ const Linear& Model::projection(int64_t layer, ProjectionKind kind) const {
   return layers_.at(layer).projections[static_cast<int>(kind)];
 }
 
+const LinearGroup& Model::qkv(int64_t layer) const { return layers_.at(layer).qkv; }
+
 bool Model::ClaimAdapterRoom() const {
-  if (options_.adapter_room_rows <= 0) return false;
+  if (options_.adapter_room.empty()) return false;
   bool expected = false;
   return adapter_room_claimed_.compare_exchange_strong(expected, true);
 }
@@ -449,9 +469,10 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const Layer& layer = layers_[l];
     at::Tensor x = RmsNorm(h, layer.input_norm);
-    at::Tensor q = proj(layer, ProjectionKind::kQ, x).view({num_tokens, heads, d});
-    at::Tensor k = proj(layer, ProjectionKind::kK, x).view({num_tokens, kv_heads, d});
-    at::Tensor v = proj(layer, ProjectionKind::kV, x).view({num_tokens, kv_heads, d});
+    const std::vector<at::Tensor> qkv = layer.qkv.Forward(x, delta);
+    at::Tensor q = qkv[0].view({num_tokens, heads, d});
+    at::Tensor k = qkv[1].view({num_tokens, kv_heads, d});
+    const at::Tensor v = qkv[2].view({num_tokens, kv_heads, d});
     q = ApplyRope(q, cos, sin);
     k = ApplyRope(k, cos, sin);
     cache.keys_[l].index_put_({plan.token_slots, plan.positions}, k);

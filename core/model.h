@@ -32,11 +32,12 @@ struct LoadOptions {
   // is.
   at::ScalarType dtype = at::kFloat;
   // Room next to every projection's weight for an expert pool's stacked LoRA matrices (its
-  // capacity × max_rank rows; see RoomLayout): A after W where the output is at most as wide
-  // as the input, so the base GEMM also computes the shrink; B beside W where it is wider
-  // (gate, up), so the base GEMM also does the expand. 0: none; a pool then keeps A and B in its
-  // own buffers (same results, one more GEMM and one more pass per projection).
-  int64_t adapter_room_rows = 0;
+  // capacity slots of max_rank rows; see RoomLayout and LinearGroup): A after W where the output
+  // is at most as wide as the input, so the base GEMM also computes the shrink (q, k and v share
+  // one GEMM and one room); B beside W where it is wider (gate, up), so the base GEMM also does
+  // the expand. None: a pool keeps A and B in its own buffers (same results, one more GEMM and
+  // one more pass per projection).
+  AdapterRoom adapter_room;
 };
 
 // "auto" | "cpu" | "cuda" | "cuda:N" and "auto" | "fp32" | "bf16" | "fp16" (what the tools' and the
@@ -134,10 +135,12 @@ class Model {
 
   // Every projection, for adapters to validate shapes against: projection(layer, kind).
   const Linear& projection(int64_t layer, ProjectionKind kind) const;
+  // q, k and v of a layer, stacked in one buffer (their room slot-major across the three).
+  const LinearGroup& qkv(int64_t layer) const;
   // Weights only: the projections' adapter room is the expert pool's.
   int64_t parameter_bytes() const;
 
-  // The projections' adapter room (LoadOptions::adapter_room_rows) belongs to at most one expert
+  // The projections' adapter room (LoadOptions::adapter_room) belongs to at most one expert
   // pool at a time: true when the model has room and the caller now owns it.
   bool ClaimAdapterRoom() const;
   void ReleaseAdapterRoom() const;
@@ -146,7 +149,8 @@ class Model {
   struct Layer {
     at::Tensor input_norm;
     at::Tensor post_attention_norm;
-    Linear projections[kNumProjectionKinds];
+    LinearGroup qkv;                          // q, k and v: one input, one GEMM
+    Linear projections[kNumProjectionKinds];  // q, k and v: views into qkv
   };
 
   // One step's tokens as device tensors: what the decoder layers need beyond the weights.

@@ -187,7 +187,7 @@ absl::Status Server::Init() {
   LoadOptions load = options_.load;
   // Room for the pool's stacks next to every weight, so the base GEMMs do part of the LoRA work
   // (docs/architecture.md, "The fused pass").
-  load.adapter_room_rows = options_.pool.capacity * options_.pool.max_rank;
+  load.adapter_room = {options_.pool.capacity, options_.pool.max_rank};
   ASSIGN_OR_RETURN(model_, Model::Load(options_.model_dir, load));
   ASSIGN_OR_RETURN(pool_, ExpertPool::Create(*model_, options_.pool));
   mixture_ = std::make_unique<Mixture>(*model_, *pool_);

@@ -110,7 +110,7 @@ absl::Status Run() {
       moelora::ParseLoadOptions(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_dtype)));
   const moelora::ExpertPoolOptions pool_options = {.capacity = absl::GetFlag(FLAGS_pool_capacity),
                                                    .max_rank = absl::GetFlag(FLAGS_pool_max_rank)};
-  options.adapter_room_rows = pool_options.capacity * pool_options.max_rank;
+  options.adapter_room = {pool_options.capacity, pool_options.max_rank};
   ASSIGN_OR_RETURN(auto model, moelora::Model::Load(model_dir, options));
   const moelora::ModelConfig& config = model->config();
   std::cout << "model " << model_dir << ": " << moelora::ModelTypeName(config.model_type) << ", "

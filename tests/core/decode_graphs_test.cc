@@ -27,7 +27,7 @@ class DecodeGraphsTest : public testing::TestWithParam<ModelType> {
     ASSERT_TRUE(WriteRandomModel(base, TinyModelConfig(GetParam()), {.seed = 3}).ok());
     const LoadOptions options = {
         .device = at::hasCUDA() ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU),
-        .adapter_room_rows = 4 * 8};
+        .adapter_room = {4, 8}};
     auto model = Model::Load(base, options);
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
@@ -121,6 +121,38 @@ TEST_P(DecodeGraphsTest, BaseStepsMatchEagerForward) { ExpectSameAsEager(false, 
 TEST_P(DecodeGraphsTest, MixtureStepsMatchEagerForward) { ExpectSameAsEager(true, 3, 12); }
 
 TEST_P(DecodeGraphsTest, SingleSequenceMatchesEagerForward) { ExpectSameAsEager(true, 1, 6); }
+
+// The room layout (q/k/v grouped, A and B inside the projections' buffers, the block-diagonal
+// expand) gives what a pool keeping its own buffers gives, on this device: on the GPU machine
+// this checks the strided writes at attach and the in-place expands on CUDA.
+TEST_P(DecodeGraphsTest, RoomLayoutMatchesPoolBuffers) {
+  c10::NoGradGuard no_grad;
+  auto plain_model = Model::Load(temp_.Join("base"), {.device = model_->options().device});
+  ASSERT_TRUE(plain_model.ok()) << plain_model.status();
+  auto plain_pool = ExpertPool::Create(**plain_model, {.capacity = 4, .max_rank = 8});
+  ASSERT_TRUE(plain_pool.ok()) << plain_pool.status();
+  for (int i = 0; i < 2; ++i) {
+    const std::string name = absl::StrCat("expert", i);
+    ASSERT_TRUE((*plain_pool)->Attach(name, temp_.Join(name)).ok());
+  }
+  Mixture plain(**plain_model, **plain_pool);
+  const std::vector<SequenceInput> prompts = Prompts(3);
+  int64_t tokens = 0;
+  for (const SequenceInput& prompt : prompts) tokens += static_cast<int64_t>(prompt.tokens.size());
+  const at::Tensor weights = at::softmax(at::randn({tokens, 2}), 1);
+  auto logits = [&](const Mixture& mixture) {
+    auto cache = mixture.model().CreateKvCache(3, 16);
+    EXPECT_TRUE(cache.ok());
+    auto out = mixture.ForwardWithWeights(prompts, *cache, mixture.pool().snapshot(), weights,
+                                          {.all_logits = true});
+    EXPECT_TRUE(out.ok()) << out.status();
+    return out.ok() ? out->logits.cpu() : at::Tensor();
+  };
+  const at::Tensor roomy = logits(*mixture_), own = logits(plain);
+  ASSERT_TRUE(roomy.defined() && own.defined());
+  EXPECT_TRUE(at::allclose(roomy, own, 1e-4, 1e-4))
+      << "max diff " << (roomy - own).abs().max().item<float>();
+}
 
 INSTANTIATE_TEST_SUITE_P(Families, DecodeGraphsTest,
                          testing::Values(ModelType::kLlama, ModelType::kMistral, ModelType::kQwen2,

@@ -49,7 +49,8 @@ class ExpertPoolFixture : public testing::Test {
   void Build(bool room) {
     ASSERT_TRUE(
         WriteRandomModel(temp_.Join("base"), TinyModelConfig(ModelType::kLlama), {.seed = 5}).ok());
-    auto model = Model::Load(temp_.Join("base"), {.adapter_room_rows = room ? 8 * 8 : 0});
+    auto model =
+        Model::Load(temp_.Join("base"), {.adapter_room = room ? AdapterRoom{8, 8} : AdapterRoom{}});
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
     auto pool = ExpertPool::Create(*model_, {.capacity = 8, .max_rank = 8});

@@ -90,18 +90,18 @@ TEST_F(ModelLoadTest, ShardedCheckpointGivesTheSameLogits) {
 TEST_F(ModelLoadTest, AdapterRoomLeavesTheBaseModelAlone) {
   const std::string dir = WriteTiny("room", ModelType::kQwen2, {.seed = 4});
   auto plain = Model::Load(dir);
-  auto roomy = Model::Load(dir, {.adapter_room_rows = 24});
+  auto roomy = Model::Load(dir, {.adapter_room = {3, 8}});
   ASSERT_TRUE(plain.ok() && roomy.ok());
   EXPECT_EQ((*roomy)->parameter_bytes(), (*plain)->parameter_bytes());
   const Linear& k = (*roomy)->projection(1, ProjectionKind::kK);
-  EXPECT_EQ(k.room().sizes(), (std::vector<int64_t>{24, k.in_features()}));
+  EXPECT_EQ(k.room().sizes(), (std::vector<int64_t>{3, 8, k.in_features()}));
   EXPECT_TRUE(at::equal(k.room(), at::zeros_like(k.room())));
   EXPECT_TRUE(at::equal(k.weight(), (*plain)->projection(1, ProjectionKind::kK).weight()));
   EXPECT_FALSE((*plain)->projection(1, ProjectionKind::kK).room().defined());
   // gate's output is wider than its input: the room is columns beside the weight.
   const Linear& gate = (*roomy)->projection(0, ProjectionKind::kGate);
   EXPECT_EQ(gate.room_layout(), RoomLayout::kColumns);
-  EXPECT_EQ(gate.room().sizes(), (std::vector<int64_t>{gate.out_features(), 24}));
+  EXPECT_EQ(gate.room().sizes(), (std::vector<int64_t>{3, 8, gate.out_features()}));
   EXPECT_TRUE(at::equal(gate.weight(), (*plain)->projection(0, ProjectionKind::kGate).weight()));
   EXPECT_TRUE(at::equal(FourTokenLogits(**plain), FourTokenLogits(**roomy)));
 
@@ -110,7 +110,7 @@ TEST_F(ModelLoadTest, AdapterRoomLeavesTheBaseModelAlone) {
   EXPECT_FALSE((*roomy)->ClaimAdapterRoom());
   (*roomy)->ReleaseAdapterRoom();
   EXPECT_TRUE((*roomy)->ClaimAdapterRoom());
-  EXPECT_EQ(Model::Load(dir, {.adapter_room_rows = -1}).status().code(),
+  EXPECT_EQ(Model::Load(dir, {.adapter_room = {-1, 8}}).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
 

@@ -23,7 +23,7 @@ class PeftGoldenTest : public testing::Test {
  protected:
   void SetUp() override {
     // The server's layout: the pool's A in the projections' room.
-    auto model = Model::Load(DataDir() + "/golden/llama_gqa_llama3", {.adapter_room_rows = 4 * 8});
+    auto model = Model::Load(DataDir() + "/golden/llama_gqa_llama3", {.adapter_room = {4, 8}});
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
     auto pool = ExpertPool::Create(*model_, {.capacity = 4, .max_rank = 8});

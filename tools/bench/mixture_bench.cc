@@ -151,7 +151,7 @@ void Prepare() {
   LoadOptions options = *parsed;
   const int64_t max_experts = MaxExperts();
   const int64_t capacity = max_experts + 1;  // one slot free for the attach case
-  if (absl::GetFlag(FLAGS_adapter_room)) options.adapter_room_rows = capacity * rank;
+  if (absl::GetFlag(FLAGS_adapter_room)) options.adapter_room = {capacity, rank};
   Setup& setup = Global();
   auto model = Model::Load(dir + "/base", options);
   Check(model.status());

@@ -1,0 +1,121 @@
+#include "core/linear.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <optional>
+#include <vector>
+
+namespace moelora {
+namespace {
+
+constexpr int64_t kIn = 6;
+
+std::vector<ProjectionId> QkvIds() {
+  return {{2, ProjectionKind::kQ}, {2, ProjectionKind::kK}, {2, ProjectionKind::kV}};
+}
+
+struct Qkv {
+  std::vector<at::Tensor> weights, biases;
+};
+
+Qkv RandomQkv(bool with_bias) {
+  Qkv qkv;
+  for (int64_t out : {8, 4, 4}) {
+    qkv.weights.push_back(at::randn({out, kIn}));
+    qkv.biases.push_back(with_bias ? at::randn({out}) : at::Tensor());
+  }
+  return qkv;
+}
+
+// A delta that takes `rows` rows of a group's room and hands back what it got.
+class RecordingDelta : public LinearDelta {
+ public:
+  explicit RecordingDelta(int64_t rows) : rows_(rows) {}
+  at::Tensor Apply(const ProjectionId& /*id*/, const at::Tensor& /*x*/,
+                   at::Tensor base_output) const override {
+    return base_output.add_(1);
+  }
+  std::optional<int64_t> GroupShrinkRowsInRoom(
+      absl::Span<const ProjectionId> /*members*/) const override {
+    return rows_;
+  }
+  at::Tensor ApplyGroupShrunk(absl::Span<const ProjectionId> /*members*/, at::Tensor shrink,
+                              at::Tensor base_output) const override {
+    shrink_ = shrink.clone();
+    return base_output;
+  }
+  const at::Tensor& shrink() const { return shrink_; }
+
+ private:
+  int64_t rows_;
+  mutable at::Tensor shrink_;
+};
+
+// One GEMM over the stacked weights gives each member what its own linear gives, with or without
+// room and bias; the members are views of the group's buffer.
+TEST(LinearGroupTest, OutputsEqualSeparateLinears) {
+  at::manual_seed(1);
+  const at::Tensor x = at::randn({5, kIn});
+  for (const bool with_bias : {false, true}) {
+    for (const AdapterRoom room : {AdapterRoom{}, AdapterRoom{3, 2}}) {
+      const Qkv qkv = RandomQkv(with_bias);
+      const LinearGroup group(QkvIds(), qkv.weights, qkv.biases, room);
+      EXPECT_EQ(group.out_features(), 16);
+      const std::vector<at::Tensor> outputs = group.Forward(x, nullptr);
+      ASSERT_EQ(outputs.size(), 3u);
+      for (int i = 0; i < 3; ++i) {
+        EXPECT_TRUE(at::allclose(outputs[i], at::linear(x, qkv.weights[i], qkv.biases[i])));
+        EXPECT_TRUE(at::equal(group.members()[i].weight(), qkv.weights[i]));
+        EXPECT_EQ(group.members()[i].id().kind, QkvIds()[i].kind);
+      }
+      EXPECT_EQ(group.output_offset(1), 8);
+      EXPECT_EQ(group.members()[2].weight().data_ptr<float>(),
+                group.members()[0].weight().data_ptr<float>() + 12 * kIn);
+    }
+  }
+}
+
+// Without a room (or a delta that keeps nothing there) each member's output goes through Apply.
+TEST(LinearGroupTest, DeltaWithoutRoomAppliesPerMember) {
+  const Qkv qkv = RandomQkv(/*with_bias=*/false);
+  const LinearGroup group(QkvIds(), qkv.weights, qkv.biases);
+  const at::Tensor x = at::randn({3, kIn});
+  const RecordingDelta delta(4);
+  const std::vector<at::Tensor> outputs = group.Forward(x, &delta);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_TRUE(at::allclose(outputs[i], at::linear(x, qkv.weights[i]) + 1));
+  }
+  EXPECT_FALSE(delta.shrink().defined());
+}
+
+// The room is slot-major across the members: the first n slots' A rows of every member are one
+// prefix, so one GEMM gives every member's shrink, ordered [slot][member][rank].
+TEST(LinearGroupTest, RoomIsSlotMajorAcrossMembers) {
+  const Qkv qkv = RandomQkv(/*with_bias=*/true);
+  const AdapterRoom room{3, 2};
+  const LinearGroup group(QkvIds(), qkv.weights, qkv.biases, room);
+  std::vector<at::Tensor> a(3);
+  for (int i = 0; i < 3; ++i) {
+    const at::Tensor member_room = group.members()[i].room();
+    ASSERT_EQ(member_room.sizes(), (std::vector<int64_t>{3, 2, kIn}));
+    EXPECT_TRUE(at::equal(member_room, at::zeros_like(member_room)));
+    a[i] = at::randn({3, 2, kIn});
+    member_room.copy_(a[i]);
+  }
+  const at::Tensor x = at::randn({5, kIn});
+  const RecordingDelta delta(/*rows=*/2 * 3 * 2);  // the first two slots
+  const std::vector<at::Tensor> outputs = group.Forward(x, &delta);
+  std::vector<at::Tensor> expected_rows;
+  for (int64_t slot = 0; slot < 2; ++slot) {
+    for (int i = 0; i < 3; ++i) expected_rows.push_back(a[i][slot]);
+  }
+  // Room rows have no bias: the shrink is x·Aᵀ exactly.
+  EXPECT_TRUE(at::allclose(delta.shrink(), at::linear(x, at::cat(expected_rows, 0)), 1e-5, 1e-6));
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_TRUE(at::allclose(outputs[i], at::linear(x, qkv.weights[i], qkv.biases[i]), 1e-5, 1e-6));
+  }
+}
+
+}  // namespace
+}  // namespace moelora
