@@ -127,7 +127,13 @@ Linear Linear::GroupMember(ProjectionId id, at::Tensor weight, at::Tensor bias, 
 int64_t Linear::in_features() const { return weight_.size(1); }
 int64_t Linear::out_features() const { return weight_.size(0); }
 
-at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta) const {
+at::Tensor Linear::NewInputWithRoom(int64_t tokens, const at::TensorOptions& options) const {
+  TORCH_CHECK(layout_ == RoomLayout::kColumns && weight_and_room_.defined(),
+              "NewInputWithRoom needs a projection with column room");
+  return at::empty({tokens, weight_and_room_.size(1)}, options).narrow(1, 0, in_features());
+}
+
+at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta, bool x_has_room) const {
   if (delta != nullptr && weight_and_room_.defined() && !x.requires_grad()) {
     if (layout_ == RoomLayout::kRows) {
       if (const std::optional<int64_t> rows = delta->ShrinkRowsInRoom(id_); rows.has_value()) {
@@ -140,9 +146,16 @@ at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta) const 
     } else if (const std::optional<int64_t> columns = delta->ExpandColumnsInRoom(id_);
                columns.has_value()) {
       const int64_t in = in_features();
-      const at::Tensor widened = at::empty({x.size(0), AlignedColumns(in + *columns)}, x.options())
-                                     .narrow(1, 0, in + *columns);
-      widened.narrow(1, 0, in).copy_(x);
+      at::Tensor widened;
+      if (x_has_room) {
+        TORCH_CHECK(x.stride(1) == 1 && x.stride(0) >= in + *columns,
+                    "an input with room has no room for ", *columns, " shrink columns");
+        widened = x.as_strided({x.size(0), in + *columns}, {x.stride(0), 1});
+      } else {
+        widened = at::empty({x.size(0), weight_and_room_.size(1)}, x.options())
+                      .narrow(1, 0, in + *columns);
+        widened.narrow(1, 0, in).copy_(x);
+      }
       delta->ScaledShrinkInto(id_, x, widened.narrow(1, in, *columns));
       return at::linear(widened, weight_and_room_.narrow(1, 0, in + *columns), bias_);
     }

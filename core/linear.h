@@ -111,8 +111,14 @@ class Linear {
   // filled by the pool; its Forward never folds the room into the GEMM (the group's does).
   static Linear GroupMember(ProjectionId id, at::Tensor weight, at::Tensor bias, at::Tensor room);
 
-  // x: [tokens, in] -> [tokens, out]. `delta` may be null (plain base model).
-  at::Tensor Forward(const at::Tensor& x, const LinearDelta* delta) const;
+  // x: [tokens, in] -> [tokens, out]. `delta` may be null (plain base model). `x_has_room`: x
+  // came from NewInputWithRoom, so the column-room path writes the shrink beside it in place
+  // instead of copying x into a wider buffer first.
+  at::Tensor Forward(const at::Tensor& x, const LinearDelta* delta, bool x_has_room = false) const;
+  // Column room only: a [tokens, in] view of a buffer whose rows have room for the shrink
+  // columns. Projections with the same input and room (gate, up) share one, one after the other:
+  // the input is written once, by its producer.
+  at::Tensor NewInputWithRoom(int64_t tokens, const at::TensorOptions& options) const;
 
   const ProjectionId& id() const { return id_; }
   const at::Tensor& weight() const { return weight_; }

@@ -293,11 +293,14 @@ absl::StatusOr<at::Tensor> Model::Embed(const std::vector<int64_t>& tokens) cons
   }
 }
 
-at::Tensor Model::RmsNorm(const at::Tensor& x, const at::Tensor& weight) const {
+at::Tensor Model::RmsNorm(const at::Tensor& x, const at::Tensor& weight, at::Tensor out) const {
   at::Tensor xf = x.to(AccumulateType(x.scalar_type()));
   xf = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + config_.rms_norm_eps);
-  if (config_.norm_weight_plus_one) return (xf * weight).to(x.scalar_type());
-  return weight * xf.to(x.scalar_type());
+  if (config_.norm_weight_plus_one) {
+    return out.defined() ? out.copy_(xf * weight) : (xf * weight).to(x.scalar_type());
+  }
+  return out.defined() ? at::mul_out(out, weight, xf.to(x.scalar_type()))
+                       : weight * xf.to(x.scalar_type());
 }
 
 const Linear& Model::projection(int64_t layer, ProjectionKind kind) const {
@@ -515,9 +518,19 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
     if (max_new > 1) attended = attended.index_select(0, plan.padded_rows);
     h = h + proj(layer, ProjectionKind::kO, attended);
 
-    x = RmsNorm(h, layer.post_attention_norm);
-    const at::Tensor gated = Activate(proj(layer, ProjectionKind::kGate, x), c.activation) *
-                             proj(layer, ProjectionKind::kUp, x);
+    // With their B in column room, gate and up share one input buffer with room for the shrink:
+    // the norm writes x there once, and each writes its shrink beside it in turn.
+    const Linear& gate = layer.projections[static_cast<int>(ProjectionKind::kGate)];
+    const Linear& up = layer.projections[static_cast<int>(ProjectionKind::kUp)];
+    const bool shared_input = delta != nullptr && !h.requires_grad() &&
+                              gate.room_layout() == RoomLayout::kColumns &&
+                              up.room_layout() == RoomLayout::kColumns &&
+                              delta->ExpandColumnsInRoom(gate.id()).has_value() &&
+                              delta->ExpandColumnsInRoom(up.id()).has_value();
+    x = RmsNorm(h, layer.post_attention_norm,
+                shared_input ? gate.NewInputWithRoom(num_tokens, h.options()) : at::Tensor());
+    const at::Tensor gated = Activate(gate.Forward(x, delta, shared_input), c.activation) *
+                             up.Forward(x, delta, shared_input);
     h = h + proj(layer, ProjectionKind::kDown, gated);
   }
   return RmsNorm(h, final_norm_);

@@ -175,7 +175,8 @@ class Model {
   at::Tensor BlockedKeys(const at::Tensor& query_pos, const at::Tensor& totals,
                          int64_t max_total) const;
   at::Tensor EmbedTensor(const at::Tensor& ids) const;
-  at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight) const;
+  // Into `out` when given (a view of a wider buffer), else a new tensor.
+  at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, at::Tensor out = {}) const;
   at::Tensor RopeInverseFrequencies() const;
 
   ModelConfig config_;

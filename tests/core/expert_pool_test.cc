@@ -167,6 +167,18 @@ INSTANTIATE_TEST_SUITE_P(K, FusedEqualsNaiveTest,
                                                LayoutName(std::get<1>(info.param)));
                          });
 
+// Only some members of a group adapted (k of q/k/v; gate but not up, which then do not share
+// an input with room): the others' rows stay zero and their outputs are the base's.
+TEST_P(ExpertPoolTest, SomeMembersOfAGroupAdapted) {
+  RandomAdapterOptions spec = SpecFor(1);
+  spec.target_modules = {"k_proj", "gate_proj"};
+  AttachExpert("k_and_gate", spec);
+  AttachExpert("v_only", {.r = 3, .target_modules = {"v_proj"}, .seed = 7});
+  const auto snapshot = pool_->snapshot();
+  const at::Tensor weights = at::rand({tokens_, 2});
+  EXPECT_LE(MaxDiff(Fused(batch_, snapshot, weights), Naive(batch_, *snapshot, weights)), 1e-4);
+}
+
 TEST_P(ExpertPoolTest, AttachPlacesInSlotsAndAccountsBytes) {
   AttachExpert("a", SpecFor(1));  // rank 4, all seven projections
   const std::vector<ExpertInfo> infos = pool_->List();
