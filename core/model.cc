@@ -481,11 +481,12 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
     cache.keys_[l].index_put_({plan.token_slots, plan.positions}, k);
     cache.values_[l].index_put_({plan.token_slots, plan.positions}, v);
 
-    // [seqs, kv_heads, max_total, d]
+    // [seqs, kv_heads, max_total, d]: only the keys attended are gathered, not the slots' whole
+    // max_seq_len (the server's default is 4096: gathering it all cost more than the attention).
     const at::Tensor keys =
-        cache.keys_[l].index_select(0, plan.slots).narrow(1, 0, max_total).permute({0, 2, 1, 3});
+        cache.keys_[l].narrow(1, 0, max_total).index_select(0, plan.slots).permute({0, 2, 1, 3});
     const at::Tensor values =
-        cache.values_[l].index_select(0, plan.slots).narrow(1, 0, max_total).permute({0, 2, 1, 3});
+        cache.values_[l].narrow(1, 0, max_total).index_select(0, plan.slots).permute({0, 2, 1, 3});
     // Queries padded to [seqs, heads, max_new, d] (one token per sequence needs no padding),
     // grouped per KV head (head = kv * groups + g, as transformers' repeat_kv orders them) so GQA
     // needs no copy of the keys. The attention core runs in fp32 as fused kernels do: bf16

@@ -53,6 +53,9 @@ ABSL_FLAG(int64_t, batch, 2, "sequences per prefill");
 ABSL_FLAG(int64_t, seq_len, 64, "tokens per sequence");
 ABSL_FLAG(int64_t, decode_context, 128, "decode: tokens already in each sequence's cache");
 ABSL_FLAG(int64_t, decode_steps, 100, "decode: timed steps per run (one token per sequence)");
+ABSL_FLAG(int64_t, decode_cache_len, 0,
+          "decode: KV cache tokens per sequence; 0: just enough (decode_context + decode_steps + "
+          "1). The server allocates max_seq_len (default 4096) per slot");
 ABSL_FLAG(std::string, work_dir, "/tmp/moelora-bench", "where the random model and experts go");
 
 namespace moelora {
@@ -280,7 +283,9 @@ void BM_Decode(benchmark::State& state, int64_t batch, int k, bool graphs) {
   Setup& s = Global();
   const int64_t context = absl::GetFlag(FLAGS_decode_context);
   const int64_t vocab = s.model->config().vocab_size;
-  auto cache = s.model->CreateKvCache(batch, context + absl::GetFlag(FLAGS_decode_steps) + 1);
+  const int64_t needed = context + absl::GetFlag(FLAGS_decode_steps) + 1;
+  auto cache =
+      s.model->CreateKvCache(batch, std::max(needed, absl::GetFlag(FLAGS_decode_cache_len)));
   Check(cache.status());
   std::vector<SequenceInput> prompts, step;
   for (int64_t b = 0; b < batch; ++b) {
