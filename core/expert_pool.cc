@@ -111,10 +111,7 @@ absl::StatusOr<std::unique_ptr<ExpertPool>> ExpertPool::Create(const Model& mode
         stack.a = stack.a_in_room
                       ? linear.room().zero_()
                       : at::zeros({capacity, max_rank, linear.in_features()}, tensor_options);
-        int64_t member = -1;
-        for (size_t i = 0; i < qkv.ids().size(); ++i) {
-          if (qkv.ids()[i].kind == kind) member = static_cast<int64_t>(i);
-        }
+        const int64_t member = qkv.MemberIndex(kind);
         if (qkv_bt.defined() && member >= 0) {
           stack.bt =
               qkv_bt.select(1, member).narrow(2, qkv.output_offset(member), linear.out_features());

@@ -201,6 +201,13 @@ LinearGroup::LinearGroup(std::vector<ProjectionId> ids, std::vector<at::Tensor> 
   }
 }
 
+int64_t LinearGroup::MemberIndex(ProjectionKind kind) const {
+  for (size_t i = 0; i < ids_.size(); ++i) {
+    if (ids_[i].kind == kind) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
 std::vector<at::Tensor> LinearGroup::Split(const at::Tensor& outputs) const {
   std::vector<at::Tensor> split;
   for (size_t i = 0; i < members_.size(); ++i) {

@@ -160,6 +160,8 @@ class LinearGroup {
   int64_t out_features() const { return weight_.size(0); }  // all members together
   // Where member i's output starts in the group's output.
   int64_t output_offset(int64_t i) const { return offsets_[i]; }
+  // The member of this kind, -1 when the group has none.
+  int64_t MemberIndex(ProjectionKind kind) const;
 
  private:
   std::vector<at::Tensor> Split(const at::Tensor& outputs) const;

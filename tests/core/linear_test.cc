@@ -70,6 +70,8 @@ TEST(LinearGroupTest, OutputsEqualSeparateLinears) {
         EXPECT_EQ(group.members()[i].id().kind, QkvIds()[i].kind);
       }
       EXPECT_EQ(group.output_offset(1), 8);
+      EXPECT_EQ(group.MemberIndex(ProjectionKind::kV), 2);
+      EXPECT_EQ(group.MemberIndex(ProjectionKind::kO), -1);
       EXPECT_EQ(group.members()[2].weight().data_ptr<float>(),
                 group.members()[0].weight().data_ptr<float>() + 12 * kIn);
     }
