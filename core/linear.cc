@@ -127,6 +127,13 @@ Linear Linear::GroupMember(ProjectionId id, at::Tensor weight, at::Tensor bias, 
 int64_t Linear::in_features() const { return weight_.size(1); }
 int64_t Linear::out_features() const { return weight_.size(0); }
 
+std::optional<int64_t> Linear::ColumnsInRoom(const LinearDelta* delta) const {
+  if (delta == nullptr || layout_ != RoomLayout::kColumns || !weight_and_room_.defined()) {
+    return std::nullopt;
+  }
+  return delta->ExpandColumnsInRoom(id_);
+}
+
 at::Tensor Linear::NewInputWithRoom(int64_t tokens, const at::TensorOptions& options) const {
   TORCH_CHECK(layout_ == RoomLayout::kColumns && weight_and_room_.defined(),
               "NewInputWithRoom needs a projection with column room");
@@ -143,8 +150,7 @@ at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta, bool x
                        bias_.defined() ? bias_and_room_.narrow(0, 0, out + *rows) : at::Tensor());
         return delta->ApplyShrunk(id_, both.narrow(-1, out, *rows), both.narrow(-1, 0, out));
       }
-    } else if (const std::optional<int64_t> columns = delta->ExpandColumnsInRoom(id_);
-               columns.has_value()) {
+    } else if (const std::optional<int64_t> columns = ColumnsInRoom(delta); columns.has_value()) {
       const int64_t in = in_features();
       at::Tensor widened;
       if (x_has_room) {

@@ -115,6 +115,9 @@ class Linear {
   // came from NewInputWithRoom, so the column-room path writes the shrink beside it in place
   // instead of copying x into a wider buffer first.
   at::Tensor Forward(const at::Tensor& x, const LinearDelta* delta, bool x_has_room = false) const;
+  // The shrink columns Forward writes beside its input when it folds `delta`'s expand into this
+  // projection's column room (it does so only for an input that needs no gradient), else nullopt.
+  std::optional<int64_t> ColumnsInRoom(const LinearDelta* delta) const;
   // Column room only: a [tokens, in] view of a buffer whose rows have room for the shrink
   // columns. Projections with the same input and room (gate, up) share one, one after the other:
   // the input is written once, by its producer.

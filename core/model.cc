@@ -523,11 +523,8 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
     // the norm writes x there once, and each writes its shrink beside it in turn.
     const Linear& gate = layer.projections[static_cast<int>(ProjectionKind::kGate)];
     const Linear& up = layer.projections[static_cast<int>(ProjectionKind::kUp)];
-    const bool shared_input = delta != nullptr && !h.requires_grad() &&
-                              gate.room_layout() == RoomLayout::kColumns &&
-                              up.room_layout() == RoomLayout::kColumns &&
-                              delta->ExpandColumnsInRoom(gate.id()).has_value() &&
-                              delta->ExpandColumnsInRoom(up.id()).has_value();
+    const bool shared_input = !h.requires_grad() && gate.ColumnsInRoom(delta).has_value() &&
+                              up.ColumnsInRoom(delta).has_value();
     x = RmsNorm(h, layer.post_attention_norm,
                 shared_input ? gate.NewInputWithRoom(num_tokens, h.options()) : at::Tensor());
     const at::Tensor gated = Activate(gate.Forward(x, delta, shared_input), c.activation) *
