@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/device_memory.h"
 #include "core/status_macros.h"
+#include "core/strided_ops.h"
 
 namespace moelora {
 
@@ -380,13 +381,13 @@ void MixtureDelta::ScaledShrinkInto(const ProjectionId& id, const at::Tensor& x,
                                     at::Tensor out) const {
   const at::Tensor a = FirstSlots(pool_.stacks_[ProjectionIndex(id)].a, snapshot_->size());
   at::mm_out(out, x, a.t());
-  out.mul_(row_weights_);
+  MultiplyInPlace(out, row_weights_);
 }
 
 at::Tensor MixtureDelta::ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
                                      at::Tensor base_output) const {
   const at::Tensor bt = FirstSlots(pool_.stacks_[ProjectionIndex(id)].bt, snapshot_->size());
-  shrink.mul_(row_weights_);
+  MultiplyInPlace(shrink, row_weights_);
   return base_output.addmm_(shrink, bt);
 }
 
@@ -405,7 +406,7 @@ std::optional<int64_t> MixtureDelta::GroupShrinkRowsInRoom(
 at::Tensor MixtureDelta::ApplyGroupShrunk(absl::Span<const ProjectionId> members, at::Tensor shrink,
                                           at::Tensor base_output) const {
   const ExpertPool::GroupStack& group = pool_.group_stacks_[ProjectionIndex(members.front())];
-  shrink.mul_(group_row_weights_);
+  MultiplyInPlace(shrink, group_row_weights_);
   return base_output.addmm_(shrink, group.bt.narrow(0, 0, shrink.size(-1)));
 }
 
@@ -430,7 +431,7 @@ at::Tensor MixtureDelta::Apply(const ProjectionId& id, const at::Tensor& x,
   }
   // Inference: scale in place and let the expand GEMM accumulate into the base output, so the
   // delta costs two GEMMs and one elementwise kernel, with no extra pass over [tokens, out].
-  shrink.mul_(row_weights_);
+  MultiplyInPlace(shrink, row_weights_);
   return base_output.addmm_(shrink, bt);
 }
 

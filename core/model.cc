@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/checkpoint.h"
 #include "core/status_macros.h"
+#include "core/strided_ops.h"
 
 // torch's fused attention (scaled_dot_product_attention) exists from torch 2; Debian's 1.13 (the
 // CPU build) keeps the explicit fp32 path.
@@ -517,7 +518,7 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
                               .permute({0, 2, 1, 3})
                               .reshape({num_seqs * max_new, heads * d});
     if (max_new > 1) attended = attended.index_select(0, plan.padded_rows);
-    h = h + proj(layer, ProjectionKind::kO, attended);
+    h = Add(h, proj(layer, ProjectionKind::kO, attended));  // o's output may be strided
 
     // With their B in column room, gate and up share one input buffer with room for the shrink:
     // the norm writes x there once, and each writes its shrink beside it in turn.
@@ -529,7 +530,7 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
                 shared_input ? gate.NewInputWithRoom(num_tokens, h.options()) : at::Tensor());
     const at::Tensor gated = Activate(gate.Forward(x, delta, shared_input), c.activation) *
                              up.Forward(x, delta, shared_input);
-    h = h + proj(layer, ProjectionKind::kDown, gated);
+    h = Add(h, proj(layer, ProjectionKind::kDown, gated));
   }
   return RmsNorm(h, final_norm_);
 }

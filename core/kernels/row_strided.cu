@@ -1,0 +1,125 @@
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "core/kernels/row_strided.h"
+
+namespace moelora::kernels {
+namespace {
+
+constexpr int kThreadsPerBlock = 256;
+// Enough blocks to fill any current GPU several times over; larger matrices loop (grid-stride).
+constexpr int64_t kMaxBlocks = 4096;
+constexpr int kAccessBytes = 16;
+
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T FromFloat(float v);
+template <>
+__device__ __forceinline__ float FromFloat<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half FromFloat<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T values[kVec];
+};
+
+template <BinaryOp kOp>
+__device__ __forceinline__ float Combine(float a, float b) {
+  if constexpr (kOp == BinaryOp::kAdd) {
+    return a + b;
+  } else {
+    return a * b;
+  }
+}
+
+// Each thread handles kVec consecutive elements of one row per step; the grid strides over the
+// rows * cols / kVec packs.
+template <typename T, int kVec, BinaryOp kOp>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    RowStridedBinaryKernel(int64_t rows, int64_t packs_per_row, T* out, int64_t out_stride,
+                           const T* a, int64_t a_stride, const T* b, int64_t b_stride) {
+  using P = Pack<T, kVec>;
+  const int64_t packs = rows * packs_per_row;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < packs;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / packs_per_row;
+    const int64_t col = (i - row * packs_per_row) * kVec;
+    const P pa = *reinterpret_cast<const P*>(a + row * a_stride + col);
+    const P pb = *reinterpret_cast<const P*>(b + row * b_stride + col);
+    P result;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      result.values[k] = FromFloat<T>(Combine<kOp>(ToFloat(pa.values[k]), ToFloat(pb.values[k])));
+    }
+    *reinterpret_cast<P*>(out + row * out_stride + col) = result;
+  }
+}
+
+bool Aligned(const RowStridedOperand& operand, int64_t vec, int64_t element_bytes) {
+  return reinterpret_cast<uintptr_t>(operand.data) % (vec * element_bytes) == 0 &&
+         operand.row_stride % vec == 0;
+}
+
+template <typename T, int kVec, BinaryOp kOp>
+cudaError_t Launch(int64_t rows, int64_t cols, RowStridedOperand out, RowStridedOperand a,
+                   RowStridedOperand b, cudaStream_t stream) {
+  const int64_t packs_per_row = cols / kVec;
+  const int64_t packs = rows * packs_per_row;
+  const int64_t blocks =
+      std::min<int64_t>((packs + kThreadsPerBlock - 1) / kThreadsPerBlock, kMaxBlocks);
+  RowStridedBinaryKernel<T, kVec, kOp>
+      <<<static_cast<unsigned>(blocks), kThreadsPerBlock, 0, stream>>>(
+          rows, packs_per_row, static_cast<T*>(out.data), out.row_stride,
+          static_cast<const T*>(a.data), a.row_stride, static_cast<const T*>(b.data), b.row_stride);
+  return cudaGetLastError();
+}
+
+template <typename T, BinaryOp kOp>
+cudaError_t LaunchWidest(int64_t rows, int64_t cols, RowStridedOperand out, RowStridedOperand a,
+                         RowStridedOperand b, cudaStream_t stream) {
+  constexpr int kVec = kAccessBytes / sizeof(T);
+  const bool vectorised = cols % kVec == 0 && Aligned(out, kVec, sizeof(T)) &&
+                          Aligned(a, kVec, sizeof(T)) && Aligned(b, kVec, sizeof(T));
+  return vectorised ? Launch<T, kVec, kOp>(rows, cols, out, a, b, stream)
+                    : Launch<T, 1, kOp>(rows, cols, out, a, b, stream);
+}
+
+template <typename T>
+cudaError_t LaunchForType(BinaryOp op, int64_t rows, int64_t cols, RowStridedOperand out,
+                          RowStridedOperand a, RowStridedOperand b, cudaStream_t stream) {
+  return op == BinaryOp::kAdd ? LaunchWidest<T, BinaryOp::kAdd>(rows, cols, out, a, b, stream)
+                              : LaunchWidest<T, BinaryOp::kMultiply>(rows, cols, out, a, b, stream);
+}
+
+}  // namespace
+
+cudaError_t LaunchRowStridedBinary(BinaryOp op, ElementType type, int64_t rows, int64_t cols,
+                                   RowStridedOperand out, RowStridedOperand a, RowStridedOperand b,
+                                   cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return cudaSuccess;
+  switch (type) {
+    case ElementType::kFloat:
+      return LaunchForType<float>(op, rows, cols, out, a, b, stream);
+    case ElementType::kBFloat16:
+      return LaunchForType<__nv_bfloat16>(op, rows, cols, out, a, b, stream);
+    case ElementType::kHalf:
+      return LaunchForType<__half>(op, rows, cols, out, a, b, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace moelora::kernels

@@ -1,0 +1,24 @@
+// Elementwise ops on the row-strided views a GEMM with room produces (its base output and the
+// LoRA shrink beside it). On CUDA tensors of a CUDA build they run our vectorised kernels
+// (core/kernels/row_strided.h): ATen's do not vectorise non-contiguous views, which made each
+// such multiply or residual add cost 2-3x its memory traffic in prefill. Anywhere else (the CPU,
+// a CPU-only libtorch, autograd) they are the ATen ops, with the same results.
+
+#ifndef MOELORA_CORE_STRIDED_OPS_H_
+#define MOELORA_CORE_STRIDED_OPS_H_
+
+#include <ATen/core/Tensor.h>
+
+namespace moelora {
+
+// out = a * b (same shape and dtype); `out` may be `a` or a view with room beside it.
+void MultiplyInto(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+// x *= y in place.
+inline void MultiplyInPlace(const at::Tensor& x, const at::Tensor& y) { MultiplyInto(x, x, y); }
+
+// a + b as a new contiguous tensor (same shape and dtype); through ATen where autograd records.
+at::Tensor Add(const at::Tensor& a, const at::Tensor& b);
+
+}  // namespace moelora
+
+#endif  // MOELORA_CORE_STRIDED_OPS_H_
