@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "core/checkpoint.h"
+#include "core/decode_attention.h"
 #include "core/status_macros.h"
 #include "core/strided_ops.h"
 
@@ -482,42 +483,55 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
     cache.keys_[l].index_put_({plan.token_slots, plan.positions}, k);
     cache.values_[l].index_put_({plan.token_slots, plan.positions}, v);
 
-    // [seqs, kv_heads, max_total, d]: only the keys attended are gathered, not the slots' whole
-    // max_seq_len (the server's default is 4096: gathering it all cost more than the attention).
-    const at::Tensor keys =
-        cache.keys_[l].narrow(1, 0, max_total).index_select(0, plan.slots).permute({0, 2, 1, 3});
-    const at::Tensor values =
-        cache.values_[l].narrow(1, 0, max_total).index_select(0, plan.slots).permute({0, 2, 1, 3});
-    // Queries padded to [seqs, heads, max_new, d] (one token per sequence needs no padding),
-    // grouped per KV head (head = kv * groups + g, as transformers' repeat_kv orders them) so GQA
-    // needs no copy of the keys. The attention core runs in fp32 as fused kernels do: bf16
-    // scores would cost ~1% of every probability.
-    const at::Tensor padded = max_new == 1 ? q
-                                           : at::zeros({num_seqs * max_new, heads, d}, q.options())
-                                                 .index_copy_(0, plan.padded_rows, q);
-    const at::Tensor grouped_q = padded.view({num_seqs, max_new, heads, d})
-                                     .permute({0, 2, 1, 3})
-                                     .reshape({num_seqs, kv_heads, groups * max_new, d});
-    at::Tensor core;  // [seqs, kv_heads, groups * max_new, d] in the model's dtype
+    // A decode step on CUDA in bf16/fp16 reads each sequence's keys and values straight from the
+    // cache (our kernel); otherwise ATen's path below.
+    at::Tensor attended =
+        max_new == 1 ? DecodeAttentionFromCache(q, cache.keys_[l], cache.values_[l], plan.slots,
+                                                plan.positions, c.sliding_window, scale, max_total)
+                     : at::Tensor();
+    if (attended.defined()) {
+      attended = attended.view({num_seqs, heads * d});
+    } else {
+      // [seqs, kv_heads, max_total, d]: only the keys attended are gathered, not the slots' whole
+      // max_seq_len (the server's default is 4096: gathering it all cost more than the attention).
+      const at::Tensor keys =
+          cache.keys_[l].narrow(1, 0, max_total).index_select(0, plan.slots).permute({0, 2, 1, 3});
+      const at::Tensor values = cache.values_[l]
+                                    .narrow(1, 0, max_total)
+                                    .index_select(0, plan.slots)
+                                    .permute({0, 2, 1, 3});
+      // Queries padded to [seqs, heads, max_new, d] (one token per sequence needs no padding),
+      // grouped per KV head (head = kv * groups + g, as transformers' repeat_kv orders them) so GQA
+      // needs no copy of the keys. The attention core runs in fp32 as fused kernels do: bf16
+      // scores would cost ~1% of every probability.
+      const at::Tensor padded = max_new == 1
+                                    ? q
+                                    : at::zeros({num_seqs * max_new, heads, d}, q.options())
+                                          .index_copy_(0, plan.padded_rows, q);
+      const at::Tensor grouped_q = padded.view({num_seqs, max_new, heads, d})
+                                       .permute({0, 2, 1, 3})
+                                       .reshape({num_seqs, kv_heads, groups * max_new, d});
+      at::Tensor core;  // [seqs, kv_heads, groups * max_new, d] in the model's dtype
 #ifdef MOELORA_HAVE_FUSED_ATTENTION
-    if (fused_attention) {
-      core = at::scaled_dot_product_attention(grouped_q, keys, values, allowed, 0.0,
-                                              /*is_causal=*/false, scale);
-    }
+      if (fused_attention) {
+        core = at::scaled_dot_product_attention(grouped_q, keys, values, allowed, 0.0,
+                                                /*is_causal=*/false, scale);
+      }
 #endif
-    if (!core.defined()) {
-      const at::Tensor scores =
-          (at::matmul(grouped_q.to(accumulate), keys.to(accumulate).transpose(-1, -2)) * scale)
-              .view({num_seqs, kv_heads, groups, max_new, max_total})
-              .masked_fill(plan.blocked, -std::numeric_limits<float>::infinity());
-      const at::Tensor probs =
-          at::softmax(scores, -1).view({num_seqs, kv_heads, groups * max_new, max_total});
-      core = at::matmul(probs, values.to(accumulate)).to(options_.dtype);
+      if (!core.defined()) {
+        const at::Tensor scores =
+            (at::matmul(grouped_q.to(accumulate), keys.to(accumulate).transpose(-1, -2)) * scale)
+                .view({num_seqs, kv_heads, groups, max_new, max_total})
+                .masked_fill(plan.blocked, -std::numeric_limits<float>::infinity());
+        const at::Tensor probs =
+            at::softmax(scores, -1).view({num_seqs, kv_heads, groups * max_new, max_total});
+        core = at::matmul(probs, values.to(accumulate)).to(options_.dtype);
+      }
+      attended = core.reshape({num_seqs, heads, max_new, d})  // fused: maybe strided
+                     .permute({0, 2, 1, 3})
+                     .reshape({num_seqs * max_new, heads * d});
+      if (max_new > 1) attended = attended.index_select(0, plan.padded_rows);
     }
-    at::Tensor attended = core.reshape({num_seqs, heads, max_new, d})  // fused: maybe strided
-                              .permute({0, 2, 1, 3})
-                              .reshape({num_seqs * max_new, heads * d});
-    if (max_new > 1) attended = attended.index_select(0, plan.padded_rows);
     h = Add(h, proj(layer, ProjectionKind::kO, attended));  // o's output may be strided
 
     // With their B in column room, gate and up share one input buffer with room for the shrink:

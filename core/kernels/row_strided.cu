@@ -1,8 +1,6 @@
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
 
+#include "core/kernels/element.cuh"
 #include "core/kernels/row_strided.h"
 
 namespace moelora::kernels {
@@ -12,30 +10,6 @@ constexpr int kThreadsPerBlock = 256;
 // Enough blocks to fill any current GPU several times over; larger matrices loop (grid-stride).
 constexpr int64_t kMaxBlocks = 4096;
 constexpr int kAccessBytes = 16;
-
-__device__ __forceinline__ float ToFloat(float v) { return v; }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T FromFloat(float v);
-template <>
-__device__ __forceinline__ float FromFloat<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half FromFloat<__half>(float v) {
-  return __float2half_rn(v);
-}
-
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T values[kVec];
-};
 
 template <BinaryOp kOp>
 __device__ __forceinline__ float Combine(float a, float b) {

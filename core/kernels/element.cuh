@@ -1,0 +1,39 @@
+// Device helpers shared by our kernels: element conversions through fp32 and aligned packs.
+
+#ifndef MOELORA_CORE_KERNELS_ELEMENT_CUH_
+#define MOELORA_CORE_KERNELS_ELEMENT_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace moelora::kernels {
+
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
+
+// Rounds to nearest even, as ATen does.
+template <typename T>
+__device__ __forceinline__ T FromFloat(float v);
+template <>
+__device__ __forceinline__ float FromFloat<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half FromFloat<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+// kVec consecutive elements, loaded and stored in one access.
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T values[kVec];
+};
+
+}  // namespace moelora::kernels
+
+#endif  // MOELORA_CORE_KERNELS_ELEMENT_CUH_
