@@ -89,6 +89,15 @@ at::Tensor LinearDelta::ApplyGroupShrunk(absl::Span<const ProjectionId> /*member
 
 namespace {
 int64_t AlignedColumns(int64_t columns) { return (columns + 63) / 64 * 64; }
+
+// x·[W; the room's first rows]ᵀ (+ the bias, zeros past it; undefined: none): the outputs and the
+// shrink in one GEMM. `outputs` rows of weight_and_room are weights; `rows` of room follow.
+at::Tensor GemmWithRoomRows(const at::Tensor& x, const at::Tensor& weight_and_room,
+                            const at::Tensor& bias_and_room, int64_t outputs, int64_t rows) {
+  return at::linear(
+      x, weight_and_room.narrow(0, 0, outputs + rows),
+      bias_and_room.defined() ? bias_and_room.narrow(0, 0, outputs + rows) : at::Tensor());
+}
 }  // namespace
 
 Linear::Linear(ProjectionId id, at::Tensor weight, at::Tensor bias, AdapterRoom room,
@@ -145,9 +154,7 @@ at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta, bool x
     if (layout_ == RoomLayout::kRows) {
       if (const std::optional<int64_t> rows = delta->ShrinkRowsInRoom(id_); rows.has_value()) {
         const int64_t out = out_features();
-        const at::Tensor both =
-            at::linear(x, weight_and_room_.narrow(0, 0, out + *rows),
-                       bias_.defined() ? bias_and_room_.narrow(0, 0, out + *rows) : at::Tensor());
+        const at::Tensor both = GemmWithRoomRows(x, weight_and_room_, bias_and_room_, out, *rows);
         return delta->ApplyShrunk(id_, both.narrow(-1, out, *rows), both.narrow(-1, 0, out));
       }
     } else if (const std::optional<int64_t> columns = ColumnsInRoom(delta); columns.has_value()) {
@@ -226,9 +233,7 @@ std::vector<at::Tensor> LinearGroup::Forward(const at::Tensor& x, const LinearDe
   if (delta != nullptr && has_room_ && !x.requires_grad()) {
     if (const std::optional<int64_t> rows = delta->GroupShrinkRowsInRoom(ids_); rows.has_value()) {
       const int64_t out_all = out_features();
-      const at::Tensor both =
-          at::linear(x, weight_and_room_.narrow(0, 0, out_all + *rows),
-                     bias_.defined() ? bias_and_room_.narrow(0, 0, out_all + *rows) : at::Tensor());
+      const at::Tensor both = GemmWithRoomRows(x, weight_and_room_, bias_and_room_, out_all, *rows);
       return Split(delta->ApplyGroupShrunk(ids_, both.narrow(-1, out_all, *rows),
                                            both.narrow(-1, 0, out_all)));
     }

@@ -53,12 +53,11 @@ bool TryRowStrided(kernels::BinaryOp op, const at::Tensor& out, const at::Tensor
 
 }  // namespace
 
-void MultiplyInto(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+void MultiplyInPlace(const at::Tensor& x, const at::Tensor& y) {
 #ifdef MOELORA_HAVE_CUDA_KERNELS
-  if (TryRowStrided(kernels::BinaryOp::kMultiply, out, a, b)) return;
+  if (TryRowStrided(kernels::BinaryOp::kMultiply, x, x, y)) return;
 #endif
-  at::Tensor result = out;
-  at::mul_out(result, a, b);
+  const_cast<at::Tensor&>(x).mul_(y);
 }
 
 at::Tensor Add(const at::Tensor& a, const at::Tensor& b) {

@@ -11,10 +11,8 @@
 
 namespace moelora {
 
-// out = a * b (same shape and dtype); `out` may be `a` or a view with room beside it.
-void MultiplyInto(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
-// x *= y in place.
-inline void MultiplyInPlace(const at::Tensor& x, const at::Tensor& y) { MultiplyInto(x, x, y); }
+// x *= y in place (same shape and dtype).
+void MultiplyInPlace(const at::Tensor& x, const at::Tensor& y);
 
 // a + b as a new contiguous tensor (same shape and dtype); through ATen where autograd records.
 at::Tensor Add(const at::Tensor& a, const at::Tensor& b);

@@ -15,7 +15,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "core/kernels/row_strided.h"
+#include "core/kernels/element_type.h"
 
 namespace moelora::kernels {
 

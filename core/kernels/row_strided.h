@@ -12,9 +12,10 @@
 
 #include <cstdint>
 
+#include "core/kernels/element_type.h"
+
 namespace moelora::kernels {
 
-enum class ElementType { kFloat, kBFloat16, kHalf };
 enum class BinaryOp { kAdd, kMultiply };
 
 // One operand: `rows` rows of `cols` contiguous elements, each row `row_stride` elements after
