@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/checkpoint.h"
 #include "core/decode_attention.h"
+#include "core/rms_norm.h"
 #include "core/status_macros.h"
 #include "core/strided_ops.h"
 
@@ -296,13 +297,10 @@ absl::StatusOr<at::Tensor> Model::Embed(const std::vector<int64_t>& tokens) cons
 }
 
 at::Tensor Model::RmsNorm(const at::Tensor& x, const at::Tensor& weight, at::Tensor out) const {
-  at::Tensor xf = x.to(AccumulateType(x.scalar_type()));
-  xf = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + config_.rms_norm_eps);
-  if (config_.norm_weight_plus_one) {
-    return out.defined() ? out.copy_(xf * weight) : (xf * weight).to(x.scalar_type());
-  }
-  return out.defined() ? at::mul_out(out, weight, xf.to(x.scalar_type()))
-                       : weight * xf.to(x.scalar_type());
+  return moelora::RmsNorm(
+      x, weight, config_.rms_norm_eps,
+      config_.norm_weight_plus_one ? NormWeighting::kWeightInFp32 : NormWeighting::kRoundThenWeight,
+      std::move(out));
 }
 
 const Linear& Model::projection(int64_t layer, ProjectionKind kind) const {

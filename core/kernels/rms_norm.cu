@@ -1,0 +1,104 @@
+#include <cstdint>
+
+#include "core/kernels/element.cuh"
+#include "core/kernels/rms_norm.h"
+
+namespace moelora::kernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarpSize = 32;
+
+__device__ __forceinline__ float BlockSum(float value) {
+  __shared__ float warp_sums[kThreads / kWarpSize];
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  }
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  if (lane == 0) warp_sums[warp] = value;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kThreads / kWarpSize; ++w) total += warp_sums[w];
+  return total;
+}
+
+// One block per row; each thread reads kVec consecutive elements per access. The second pass
+// re-reads x from L1/L2 (a row is a few KB).
+template <typename T, typename W, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    RmsNormKernel(int64_t cols, const T* x, int64_t x_stride, const W* weight, float eps,
+                  bool round_before_weight, T* out, int64_t out_stride) {
+  using P = Pack<T, kVec>;
+  const T* row = x + static_cast<int64_t>(blockIdx.x) * x_stride;
+  T* out_row = out + static_cast<int64_t>(blockIdx.x) * out_stride;
+  float squares = 0.0f;
+  for (int64_t c = static_cast<int64_t>(threadIdx.x) * kVec; c < cols; c += kThreads * kVec) {
+    const P p = *reinterpret_cast<const P*>(row + c);
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) squares += ToFloat(p.values[v]) * ToFloat(p.values[v]);
+  }
+  const float inverse_rms = rsqrtf(BlockSum(squares) / static_cast<float>(cols) + eps);
+  for (int64_t c = static_cast<int64_t>(threadIdx.x) * kVec; c < cols; c += kThreads * kVec) {
+    const P p = *reinterpret_cast<const P*>(row + c);
+    P result;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      float normed = ToFloat(p.values[v]) * inverse_rms;
+      if (round_before_weight) normed = ToFloat(FromFloat<T>(normed));
+      result.values[v] = FromFloat<T>(normed * ToFloat(weight[c + v]));
+    }
+    *reinterpret_cast<P*>(out_row + c) = result;
+  }
+}
+
+template <typename T, typename W, int kVec>
+cudaError_t LaunchWith(const RmsNormArgs& args, cudaStream_t stream) {
+  RmsNormKernel<T, W, kVec><<<static_cast<unsigned>(args.rows), kThreads, 0, stream>>>(
+      args.cols, static_cast<const T*>(args.x), args.x_stride, static_cast<const W*>(args.weight),
+      args.eps, args.round_before_weight, static_cast<T*>(args.out), args.out_stride);
+  return cudaGetLastError();
+}
+
+bool Aligned(const void* data, int64_t stride, int64_t vec, int64_t element_bytes) {
+  return reinterpret_cast<uintptr_t>(data) % (vec * element_bytes) == 0 && stride % vec == 0;
+}
+
+template <typename T, typename W>
+cudaError_t LaunchTyped(const RmsNormArgs& args, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vectorised = args.cols % kVec == 0 &&
+                          Aligned(args.x, args.x_stride, kVec, sizeof(T)) &&
+                          Aligned(args.out, args.out_stride, kVec, sizeof(T));
+  return vectorised ? LaunchWith<T, W, kVec>(args, stream) : LaunchWith<T, W, 1>(args, stream);
+}
+
+template <typename T>
+cudaError_t LaunchForWeight(const RmsNormArgs& args, cudaStream_t stream) {
+  switch (args.weight_type) {
+    case ElementType::kFloat:
+      return LaunchTyped<T, float>(args, stream);
+    case ElementType::kBFloat16:
+      return LaunchTyped<T, __nv_bfloat16>(args, stream);
+    case ElementType::kHalf:
+      return LaunchTyped<T, __half>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t LaunchRmsNorm(const RmsNormArgs& args, cudaStream_t stream) {
+  if (args.rows <= 0 || args.cols <= 0) return cudaSuccess;
+  switch (args.type) {
+    case ElementType::kFloat:
+      return LaunchForWeight<float>(args, stream);
+    case ElementType::kBFloat16:
+      return LaunchForWeight<__nv_bfloat16>(args, stream);
+    case ElementType::kHalf:
+      return LaunchForWeight<__half>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace moelora::kernels

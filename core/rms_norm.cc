@@ -1,0 +1,89 @@
+#include "core/rms_norm.h"
+
+#include <ATen/ATen.h>
+
+#ifdef MOELORA_HAVE_CUDA_KERNELS
+#include <ATen/core/grad_mode.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "core/kernels/rms_norm.h"
+#endif
+
+namespace moelora {
+namespace {
+
+#ifdef MOELORA_HAVE_CUDA_KERNELS
+std::optional<kernels::ElementType> KernelType(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return kernels::ElementType::kFloat;
+    case at::kBFloat16:
+      return kernels::ElementType::kBFloat16;
+    case at::kHalf:
+      return kernels::ElementType::kHalf;
+    default:
+      return std::nullopt;
+  }
+}
+
+// The kernel's norm, or undefined (nothing done) where it does not apply.
+at::Tensor KernelRmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                         NormWeighting weighting, at::Tensor out) {
+  const std::optional<kernels::ElementType> type = KernelType(x.scalar_type());
+  const std::optional<kernels::ElementType> weight_type = KernelType(weight.scalar_type());
+  if (!type.has_value() || !weight_type.has_value() || !x.is_cuda() || x.dim() != 2 ||
+      weight.dim() != 1 || weight.device() != x.device() || !weight.is_contiguous() ||
+      weight.size(0) != x.size(1) || (x.size(1) > 1 && x.stride(1) != 1) ||
+      (at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad()))) {
+    return at::Tensor();
+  }
+  if (out.defined()) {
+    if (out.sizes() != x.sizes() || out.scalar_type() != x.scalar_type() ||
+        out.device() != x.device() || (out.size(1) > 1 && out.stride(1) != 1)) {
+      return at::Tensor();
+    }
+  } else {
+    out = at::empty(x.sizes(), x.options());
+  }
+  kernels::RmsNormArgs args;
+  args.type = *type;
+  args.weight_type = *weight_type;
+  args.rows = x.size(0);
+  args.cols = x.size(1);
+  args.x = x.data_ptr();
+  args.x_stride = x.stride(0);
+  args.weight = weight.data_ptr();
+  args.eps = static_cast<float>(eps);
+  args.round_before_weight = weighting == NormWeighting::kRoundThenWeight;
+  args.out = out.data_ptr();
+  args.out_stride = out.stride(0);
+  const cudaError_t error =
+      kernels::LaunchRmsNorm(args, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  TORCH_CHECK(error == cudaSuccess, "RMSNorm kernel: ", cudaGetErrorString(error));
+  return out;
+}
+#endif
+
+}  // namespace
+
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                   NormWeighting weighting, at::Tensor out) {
+#ifdef MOELORA_HAVE_CUDA_KERNELS
+  if (at::Tensor normed = KernelRmsNorm(x, weight, eps, weighting, out); normed.defined()) {
+    return normed;
+  }
+#endif
+  const at::ScalarType accumulate = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor xf = x.to(accumulate);
+  xf = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  if (weighting == NormWeighting::kWeightInFp32) {
+    return out.defined() ? out.copy_(xf * weight) : (xf * weight).to(x.scalar_type());
+  }
+  return out.defined() ? at::mul_out(out, weight, xf.to(x.scalar_type()))
+                       : weight * xf.to(x.scalar_type());
+}
+
+}  // namespace moelora

@@ -1,0 +1,82 @@
+#include "core/rms_norm.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace moelora {
+namespace {
+
+std::vector<c10::Device> Devices() {
+  std::vector<c10::Device> devices = {c10::Device(c10::kCPU)};
+  if (at::hasCUDA()) devices.emplace_back(c10::kCUDA, 0);
+  return devices;
+}
+
+// The definition in fp64: x / sqrt(mean(x²) + eps) * weight.
+at::Tensor Reference(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const at::Tensor xd = x.cpu().to(at::kDouble);
+  return xd * at::rsqrt(xd.pow(2).mean(-1, true) + eps) * weight.cpu().to(at::kDouble);
+}
+
+// Within one rounding of the model's dtype (two for kRoundThenWeight) of the fp64 definition.
+void ExpectNear(const at::Tensor& got, const at::Tensor& reference, const std::string& what) {
+  const double tolerance = got.scalar_type() == at::kFloat ? 1e-5 : 2e-2;
+  const at::Tensor difference = (got.cpu().to(at::kDouble) - reference).abs();
+  EXPECT_TRUE(difference.le(reference.abs() * tolerance + tolerance).all().item<bool>())
+      << what << ": max difference " << difference.max().item<double>();
+}
+
+TEST(RmsNormTest, MatchesTheDefinitionForBothWeightings) {
+  at::manual_seed(21);
+  for (const c10::Device device : Devices()) {
+    for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+      if (device.is_cpu() && dtype == at::kHalf) continue;  // Debian's 1.13 lacks CPU half ops
+      for (const int64_t hidden : {2048, 24, 13}) {         // vectorised and not
+        for (const NormWeighting weighting :
+             {NormWeighting::kRoundThenWeight, NormWeighting::kWeightInFp32}) {
+          const auto options = at::TensorOptions().device(device).dtype(dtype);
+          // Rows strided, as in a buffer with room: the norm must read only the first `hidden`.
+          const at::Tensor x = (at::randn({5, hidden + 8}, options) * 3).narrow(1, 0, hidden);
+          const at::Tensor weight = weighting == NormWeighting::kWeightInFp32
+                                        ? at::randn({hidden}, options.dtype(at::kFloat)) + 1.0
+                                        : at::randn({hidden}, options);
+          const std::string what = ::testing::PrintToString(device) + " " +
+                                   std::string(c10::toString(dtype)) + " hidden " +
+                                   std::to_string(hidden);
+          const at::Tensor normed = RmsNorm(x, weight, 1e-6, weighting);
+          EXPECT_EQ(normed.scalar_type(), dtype) << what;
+          ExpectNear(normed, Reference(x, weight, 1e-6), what);
+
+          // Into a strided output, as the post-attention norm writes gate/up's shared input.
+          const at::Tensor out = at::full({5, hidden + 16}, 7.0, options).narrow(1, 0, hidden);
+          const at::Tensor returned = RmsNorm(x, weight, 1e-6, weighting, out);
+          EXPECT_EQ(returned.data_ptr(), out.data_ptr()) << what;
+          EXPECT_TRUE(at::equal(out.cpu(), normed.cpu())) << what;
+        }
+      }
+    }
+  }
+}
+
+// On CUDA the kernel and ATen's ops (the CPU path) agree to a rounding.
+TEST(RmsNormTest, KernelAgreesWithTheAtenPath) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA here: the kernel is not built in";
+  at::manual_seed(22);
+  const at::Tensor x = at::randn({33, 2048}, at::TensorOptions().dtype(at::kBFloat16));
+  const at::Tensor weight = at::randn({2048}, at::TensorOptions().dtype(at::kBFloat16));
+  const at::Tensor on_cpu = RmsNorm(x, weight, 1e-5, NormWeighting::kRoundThenWeight);
+  const at::Tensor on_gpu =
+      RmsNorm(x.cuda(), weight.cuda(), 1e-5, NormWeighting::kRoundThenWeight).cpu();
+  const at::Tensor difference = (on_cpu.to(at::kFloat) - on_gpu.to(at::kFloat)).abs();
+  EXPECT_TRUE(difference.le(on_cpu.to(at::kFloat).abs() * 1.6e-2 + 1e-2).all().item<bool>())
+      << "max difference " << difference.max().item<float>();
+  // Most elements equal bit for bit; the rest differ by the last bf16 bit.
+  EXPECT_GT(at::eq(on_cpu, on_gpu).to(at::kFloat).mean().item<float>(), 0.95);
+}
+
+}  // namespace
+}  // namespace moelora
