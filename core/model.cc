@@ -14,6 +14,7 @@
 #include "core/checkpoint.h"
 #include "core/decode_attention.h"
 #include "core/rms_norm.h"
+#include "core/rope.h"
 #include "core/status_macros.h"
 #include "core/strided_ops.h"
 
@@ -64,16 +65,6 @@ at::Tensor LongTensor(const std::vector<int64_t>& values, c10::Device device) {
 // own type for fp32 and fp64 (gradient checks run in fp64).
 at::ScalarType AccumulateType(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-at::Tensor RotateHalf(const at::Tensor& x) {
-  const int64_t half = x.size(-1) / 2;
-  return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
-}
-
-// x: [tokens, heads, head_dim]; cos/sin: [tokens, head_dim] in x's dtype.
-at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  return x * cos.unsqueeze(1) + RotateHalf(x) * sin.unsqueeze(1);
 }
 
 at::Tensor Activate(const at::Tensor& x, Activation activation) {
@@ -474,13 +465,10 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
     const Layer& layer = layers_[l];
     at::Tensor x = RmsNorm(h, layer.input_norm);
     const std::vector<at::Tensor> qkv = layer.qkv.Forward(x, delta);
-    at::Tensor q = qkv[0].view({num_tokens, heads, d});
-    at::Tensor k = qkv[1].view({num_tokens, kv_heads, d});
-    const at::Tensor v = qkv[2].view({num_tokens, kv_heads, d});
-    q = ApplyRope(q, cos, sin);
-    k = ApplyRope(k, cos, sin);
-    cache.keys_[l].index_put_({plan.token_slots, plan.positions}, k);
-    cache.values_[l].index_put_({plan.token_slots, plan.positions}, v);
+    const at::Tensor q =
+        RotateAndCache(qkv[0].view({num_tokens, heads, d}), qkv[1].view({num_tokens, kv_heads, d}),
+                       qkv[2].view({num_tokens, kv_heads, d}), cos, sin, cache.keys_[l],
+                       cache.values_[l], plan.token_slots, plan.positions);
 
     // A decode step on CUDA in bf16/fp16 reads each sequence's keys and values straight from the
     // cache (our kernel); otherwise ATen's path below.

@@ -1,0 +1,90 @@
+#include <cstdint>
+
+#include "core/kernels/element.cuh"
+#include "core/kernels/rope.h"
+
+namespace moelora::kernels {
+namespace {
+
+constexpr int kThreads = 128;
+
+template <typename T>
+__device__ __forceinline__ T Round(float v) {
+  return FromFloat<T>(v);
+}
+
+// out[i] = x[i]·cos[i] + rotate_half(x)[i]·sin[i], rotate_half(x) = [-x2, x1], each product and
+// the sum rounded to T, as ATen's three ops round.
+template <typename T>
+__device__ __forceinline__ void Rotate(const T* x, const T* cos, const T* sin, int half, int i,
+                                       T* out) {
+  // __fmul_rn / __fadd_rn: never contracted into an FMA, which would round once where ATen
+  // rounds twice (fp32 models).
+  const float x1 = ToFloat(x[i]), x2 = ToFloat(x[i + half]);
+  const float low = __fadd_rn(ToFloat(Round<T>(__fmul_rn(x1, ToFloat(cos[i])))),
+                              ToFloat(Round<T>(__fmul_rn(-x2, ToFloat(sin[i])))));
+  const float high = __fadd_rn(ToFloat(Round<T>(__fmul_rn(x2, ToFloat(cos[i + half])))),
+                               ToFloat(Round<T>(__fmul_rn(x1, ToFloat(sin[i + half])))));
+  out[i] = Round<T>(low);
+  out[i + half] = Round<T>(high);
+}
+
+// One block per token; its threads take (head, i < head_dim / 2) pairs of the queries, then the
+// keys (rotated into the cache), then the values (copied into the cache).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) RopeKernel(RopeArgs args) {
+  const int64_t t = blockIdx.x;
+  const int half = static_cast<int>(args.head_dim / 2);
+  const T* cos = static_cast<const T*>(args.cos) + t * args.head_dim;
+  const T* sin = static_cast<const T*>(args.sin) + t * args.head_dim;
+  const int64_t cache_row =
+      (args.slots[t] * args.max_seq + args.positions[t]) * args.kv_heads * args.head_dim;
+  const T* queries = static_cast<const T*>(args.queries) + t * args.queries_stride;
+  const T* keys = static_cast<const T*>(args.keys) + t * args.keys_stride;
+  const T* values = static_cast<const T*>(args.values) + t * args.values_stride;
+  T* rotated = static_cast<T*>(args.rotated_queries) + t * args.heads * args.head_dim;
+  T* key_cache = static_cast<T*>(args.key_cache) + cache_row;
+  T* value_cache = static_cast<T*>(args.value_cache) + cache_row;
+
+  const int64_t query_pairs = args.heads * half, key_pairs = args.kv_heads * half;
+  for (int64_t p = threadIdx.x; p < query_pairs + 2 * key_pairs; p += kThreads) {
+    if (p < query_pairs) {
+      const int64_t offset = (p / half) * args.head_dim;
+      Rotate(queries + offset, cos, sin, half, static_cast<int>(p % half), rotated + offset);
+    } else if (p < query_pairs + key_pairs) {
+      const int64_t q = p - query_pairs;
+      const int64_t offset = (q / half) * args.head_dim;
+      Rotate(keys + offset, cos, sin, half, static_cast<int>(q % half), key_cache + offset);
+    } else {
+      const int64_t q = p - query_pairs - key_pairs;
+      const int64_t offset = (q / half) * args.head_dim;
+      const int i = static_cast<int>(q % half);
+      value_cache[offset + i] = values[offset + i];
+      value_cache[offset + i + half] = values[offset + i + half];
+    }
+  }
+}
+
+template <typename T>
+cudaError_t Launch(const RopeArgs& args, cudaStream_t stream) {
+  RopeKernel<T><<<static_cast<unsigned>(args.tokens), kThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t LaunchRopeAndCacheWrite(const RopeArgs& args, cudaStream_t stream) {
+  if (args.tokens <= 0) return cudaSuccess;
+  if (args.head_dim % 2 != 0) return cudaErrorInvalidValue;
+  switch (args.type) {
+    case ElementType::kFloat:
+      return Launch<float>(args, stream);
+    case ElementType::kBFloat16:
+      return Launch<__nv_bfloat16>(args, stream);
+    case ElementType::kHalf:
+      return Launch<__half>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace moelora::kernels
