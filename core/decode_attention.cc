@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
+#include "core/kernel_element_type.h"
 #include "core/kernels/decode_attention.h"
 #endif
 
@@ -28,8 +29,7 @@ at::Tensor DecodeAttentionFromCache(const at::Tensor& queries, const at::Tensor&
     return at::Tensor();
   }
   kernels::DecodeAttentionArgs args;
-  args.type =
-      dtype == at::kBFloat16 ? kernels::ElementType::kBFloat16 : kernels::ElementType::kHalf;
+  args.type = *KernelElementType(dtype);  // bf16 or fp16, checked above
   args.seqs = queries.size(0);
   args.heads = queries.size(1);
   args.kv_heads = keys.size(2);

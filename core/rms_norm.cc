@@ -9,6 +9,7 @@
 
 #include <optional>
 
+#include "core/kernel_element_type.h"
 #include "core/kernels/rms_norm.h"
 #endif
 
@@ -16,24 +17,11 @@ namespace moelora {
 namespace {
 
 #ifdef MOELORA_HAVE_CUDA_KERNELS
-std::optional<kernels::ElementType> KernelType(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return kernels::ElementType::kFloat;
-    case at::kBFloat16:
-      return kernels::ElementType::kBFloat16;
-    case at::kHalf:
-      return kernels::ElementType::kHalf;
-    default:
-      return std::nullopt;
-  }
-}
-
 // The kernel's norm, or undefined (nothing done) where it does not apply.
 at::Tensor KernelRmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
                          NormWeighting weighting, at::Tensor out) {
-  const std::optional<kernels::ElementType> type = KernelType(x.scalar_type());
-  const std::optional<kernels::ElementType> weight_type = KernelType(weight.scalar_type());
+  const std::optional<kernels::ElementType> type = KernelElementType(x.scalar_type());
+  const std::optional<kernels::ElementType> weight_type = KernelElementType(weight.scalar_type());
   if (!type.has_value() || !weight_type.has_value() || !x.is_cuda() || x.dim() != 2 ||
       weight.dim() != 1 || weight.device() != x.device() || !weight.is_contiguous() ||
       weight.size(0) != x.size(1) || (x.size(1) > 1 && x.stride(1) != 1) ||

@@ -9,6 +9,7 @@
 
 #include <initializer_list>
 
+#include "core/kernel_element_type.h"
 #include "core/kernels/rope.h"
 #endif
 
@@ -58,9 +59,7 @@ at::Tensor KernelRotateAndCache(const at::Tensor& queries, const at::Tensor& key
   const at::Tensor slot_ids = slots.contiguous(), token_positions = positions.contiguous();
   at::Tensor rotated = at::empty(queries.sizes(), queries.options());
   kernels::RopeArgs args;
-  args.type = dtype == at::kFloat      ? kernels::ElementType::kFloat
-              : dtype == at::kBFloat16 ? kernels::ElementType::kBFloat16
-                                       : kernels::ElementType::kHalf;
+  args.type = *KernelElementType(dtype);  // checked above
   args.tokens = tokens;
   args.heads = queries.size(1);
   args.kv_heads = keys.size(1);

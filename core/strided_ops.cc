@@ -8,6 +8,7 @@
 
 #include <optional>
 
+#include "core/kernel_element_type.h"
 #include "core/kernels/row_strided.h"
 #endif
 
@@ -15,24 +16,11 @@ namespace moelora {
 namespace {
 
 #ifdef MOELORA_HAVE_CUDA_KERNELS
-std::optional<kernels::ElementType> KernelType(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat:
-      return kernels::ElementType::kFloat;
-    case at::kBFloat16:
-      return kernels::ElementType::kBFloat16;
-    case at::kHalf:
-      return kernels::ElementType::kHalf;
-    default:
-      return std::nullopt;
-  }
-}
-
 // Runs out = a op b through our kernel when all three are 2-D CUDA matrices of one supported
 // dtype and shape with contiguous rows; returns false (nothing done) otherwise.
 bool TryRowStrided(kernels::BinaryOp op, const at::Tensor& out, const at::Tensor& a,
                    const at::Tensor& b) {
-  const std::optional<kernels::ElementType> type = KernelType(a.scalar_type());
+  const std::optional<kernels::ElementType> type = KernelElementType(a.scalar_type());
   if (!type.has_value() || !a.is_cuda() || a.dim() != 2) return false;
   for (const at::Tensor* t : {&out, &a, &b}) {
     if (!t->is_cuda() || t->device() != a.device() || t->scalar_type() != a.scalar_type() ||
