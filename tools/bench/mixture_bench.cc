@@ -246,10 +246,18 @@ int64_t AdapterBytes(int64_t k) {
   return bytes;
 }
 
+// The pool's device bytes and slots, resident in every case (the room is allocated up front):
+// report.py takes the unused slots out to compare with base + the active experts' bytes.
+void PoolCounters(benchmark::State& state) {
+  state.counters["pool_bytes"] = static_cast<double>(Global().pool->reserved_bytes());
+  state.counters["pool_slots"] = static_cast<double>(Global().pool->options().capacity);
+}
+
 void BM_Base(benchmark::State& state) {
   Setup& s = Global();
   PeakMemory peak(state);
   state.counters["weight_bytes"] = static_cast<double>(s.model->parameter_bytes());
+  PoolCounters(state);
   auto cache =
       s.model->CreateKvCache(static_cast<int64_t>(s.batch.size()), absl::GetFlag(FLAGS_seq_len));
   Check(cache.status());
@@ -266,6 +274,7 @@ void BM_Fused(benchmark::State& state, int k) {
   Setup& s = Global();
   PeakMemory peak(state);
   state.counters["adapter_bytes"] = static_cast<double>(AdapterBytes(k));
+  PoolCounters(state);
   const auto snapshot = FirstExperts(k);
   const at::Tensor weights = at::full({s.tokens, k}, 1.0 / k);
   auto cache =
