@@ -5,6 +5,9 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include "core/kernels/element_type.h"
 
 namespace moelora::kernels {
 
@@ -26,6 +29,21 @@ __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
 template <>
 __device__ __forceinline__ __half FromFloat<__half>(float v) {
   return __float2half_rn(v);
+}
+
+// Calls f with a value of the CUDA type `type` names (f(float{}), f(__nv_bfloat16{}), ...), so a
+// launcher dispatches with one generic lambda; cudaErrorInvalidValue for a type not listed.
+template <typename F>
+cudaError_t WithElementType(ElementType type, F&& f) {
+  switch (type) {
+    case ElementType::kFloat:
+      return f(float{});
+    case ElementType::kBFloat16:
+      return f(__nv_bfloat16{});
+    case ElementType::kHalf:
+      return f(__half{});
+  }
+  return cudaErrorInvalidValue;
 }
 
 // kVec consecutive elements, loaded and stored in one access.

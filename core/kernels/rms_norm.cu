@@ -73,32 +73,15 @@ cudaError_t LaunchTyped(const RmsNormArgs& args, cudaStream_t stream) {
   return vectorised ? LaunchWith<T, W, kVec>(args, stream) : LaunchWith<T, W, 1>(args, stream);
 }
 
-template <typename T>
-cudaError_t LaunchForWeight(const RmsNormArgs& args, cudaStream_t stream) {
-  switch (args.weight_type) {
-    case ElementType::kFloat:
-      return LaunchTyped<T, float>(args, stream);
-    case ElementType::kBFloat16:
-      return LaunchTyped<T, __nv_bfloat16>(args, stream);
-    case ElementType::kHalf:
-      return LaunchTyped<T, __half>(args, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 cudaError_t LaunchRmsNorm(const RmsNormArgs& args, cudaStream_t stream) {
   if (args.rows <= 0 || args.cols <= 0) return cudaSuccess;
-  switch (args.type) {
-    case ElementType::kFloat:
-      return LaunchForWeight<float>(args, stream);
-    case ElementType::kBFloat16:
-      return LaunchForWeight<__nv_bfloat16>(args, stream);
-    case ElementType::kHalf:
-      return LaunchForWeight<__half>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return WithElementType(args.type, [&](auto element) {
+    return WithElementType(args.weight_type, [&](auto weight) {
+      return LaunchTyped<decltype(element), decltype(weight)>(args, stream);
+    });
+  });
 }
 
 }  // namespace moelora::kernels

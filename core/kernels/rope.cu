@@ -76,15 +76,8 @@ cudaError_t Launch(const RopeArgs& args, cudaStream_t stream) {
 cudaError_t LaunchRopeAndCacheWrite(const RopeArgs& args, cudaStream_t stream) {
   if (args.tokens <= 0) return cudaSuccess;
   if (args.head_dim % 2 != 0) return cudaErrorInvalidValue;
-  switch (args.type) {
-    case ElementType::kFloat:
-      return Launch<float>(args, stream);
-    case ElementType::kBFloat16:
-      return Launch<__nv_bfloat16>(args, stream);
-    case ElementType::kHalf:
-      return Launch<__half>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return WithElementType(args.type,
+                         [&](auto element) { return Launch<decltype(element)>(args, stream); });
 }
 
 }  // namespace moelora::kernels

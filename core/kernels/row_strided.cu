@@ -85,15 +85,9 @@ cudaError_t LaunchRowStridedBinary(BinaryOp op, ElementType type, int64_t rows, 
                                    RowStridedOperand out, RowStridedOperand a, RowStridedOperand b,
                                    cudaStream_t stream) {
   if (rows <= 0 || cols <= 0) return cudaSuccess;
-  switch (type) {
-    case ElementType::kFloat:
-      return LaunchForType<float>(op, rows, cols, out, a, b, stream);
-    case ElementType::kBFloat16:
-      return LaunchForType<__nv_bfloat16>(op, rows, cols, out, a, b, stream);
-    case ElementType::kHalf:
-      return LaunchForType<__half>(op, rows, cols, out, a, b, stream);
-  }
-  return cudaErrorInvalidValue;
+  return WithElementType(type, [&](auto element) {
+    return LaunchForType<decltype(element)>(op, rows, cols, out, a, b, stream);
+  });
 }
 
 }  // namespace moelora::kernels
