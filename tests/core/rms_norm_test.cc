@@ -5,16 +5,13 @@
 
 #include <cmath>
 #include <string>
-#include <vector>
+
+#include "tests/testing/devices.h"
 
 namespace moelora {
 namespace {
 
-std::vector<c10::Device> Devices() {
-  std::vector<c10::Device> devices = {c10::Device(c10::kCPU)};
-  if (at::hasCUDA()) devices.emplace_back(c10::kCUDA, 0);
-  return devices;
-}
+using testing_support::Devices;
 
 // The definition in fp64: x / sqrt(mean(x²) + eps) * weight.
 at::Tensor Reference(const at::Tensor& x, const at::Tensor& weight, double eps) {

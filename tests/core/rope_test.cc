@@ -4,16 +4,13 @@
 #include <gtest/gtest.h>
 
 #include <string>
-#include <vector>
+
+#include "tests/testing/devices.h"
 
 namespace moelora {
 namespace {
 
-std::vector<c10::Device> Devices() {
-  std::vector<c10::Device> devices = {c10::Device(c10::kCPU)};
-  if (at::hasCUDA()) devices.emplace_back(c10::kCUDA, 0);
-  return devices;
-}
+using testing_support::Devices;
 
 TEST(RopeTest, ApplyRopeRotatesPairsHalfADimensionApart) {
   // head_dim 4: pairs (x0, x2) and (x1, x3) rotate by their angles, as transformers' rotate_half.

@@ -3,18 +3,12 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include <vector>
+#include "tests/testing/devices.h"
 
 namespace moelora {
 namespace {
 
-// The devices this machine has: the CPU always (ATen's ops), CUDA where libtorch has it (our
-// kernels, on the GPU machine).
-std::vector<c10::Device> Devices() {
-  std::vector<c10::Device> devices = {c10::Device(c10::kCPU)};
-  if (at::hasCUDA()) devices.emplace_back(c10::kCUDA, 0);
-  return devices;
-}
+using testing_support::Devices;
 
 // A [rows, cols] view at column `offset` of a [rows, width] buffer: how a GEMM with room lays out
 // its base output (offset 0) and its shrink (offset = out).
