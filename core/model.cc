@@ -67,18 +67,6 @@ at::ScalarType AccumulateType(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-at::Tensor Activate(const at::Tensor& x, Activation activation) {
-  switch (activation) {
-    case Activation::kSilu:
-      return at::silu(x);
-    case Activation::kGeluTanh:
-      return at::gelu(x, "tanh");
-    case Activation::kGeluExact:
-      return at::gelu(x);
-  }
-  return x;
-}
-
 }  // namespace
 
 int64_t KvCache::bytes() const {
@@ -287,11 +275,19 @@ absl::StatusOr<at::Tensor> Model::Embed(const std::vector<int64_t>& tokens) cons
   }
 }
 
+NormWeighting Model::norm_weighting() const {
+  return config_.norm_weight_plus_one ? NormWeighting::kWeightInFp32
+                                      : NormWeighting::kRoundThenWeight;
+}
+
 at::Tensor Model::RmsNorm(const at::Tensor& x, const at::Tensor& weight, at::Tensor out) const {
-  return moelora::RmsNorm(
-      x, weight, config_.rms_norm_eps,
-      config_.norm_weight_plus_one ? NormWeighting::kWeightInFp32 : NormWeighting::kRoundThenWeight,
-      std::move(out));
+  return moelora::RmsNorm(x, weight, config_.rms_norm_eps, norm_weighting(), std::move(out));
+}
+
+AddAndNorm Model::AddRmsNorm(const at::Tensor& h, const at::Tensor& residual,
+                             const at::Tensor& weight, at::Tensor out) const {
+  return moelora::AddRmsNorm(h, residual, weight, config_.rms_norm_eps, norm_weighting(),
+                             std::move(out));
 }
 
 const Linear& Model::projection(int64_t layer, ProjectionKind kind) const {
@@ -460,10 +456,12 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
                                  : at::Tensor();
 #endif
 
+  // h is the residual stream, x its norm for the next block; each residual add and the norm
+  // after it run as one step.
   at::Tensor h = EmbedTensor(plan.ids);  // [tokens, hidden]
+  at::Tensor x = RmsNorm(h, layers_.empty() ? final_norm_ : layers_.front().input_norm);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const Layer& layer = layers_[l];
-    at::Tensor x = RmsNorm(h, layer.input_norm);
     const std::vector<at::Tensor> qkv = layer.qkv.Forward(x, delta);
     const at::Tensor q =
         RotateAndCache(qkv[0].view({num_tokens, heads, d}), qkv[1].view({num_tokens, kv_heads, d}),
@@ -519,21 +517,29 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
                      .reshape({num_seqs * max_new, heads * d});
       if (max_new > 1) attended = attended.index_select(0, plan.padded_rows);
     }
-    h = Add(h, proj(layer, ProjectionKind::kO, attended));  // o's output may be strided
+    const at::Tensor attention_out = proj(layer, ProjectionKind::kO, attended);  // maybe strided
 
     // With their B in column room, gate and up share one input buffer with room for the shrink:
     // the norm writes x there once, and each writes its shrink beside it in turn.
     const Linear& gate = layer.projections[static_cast<int>(ProjectionKind::kGate)];
     const Linear& up = layer.projections[static_cast<int>(ProjectionKind::kUp)];
-    const bool shared_input = !h.requires_grad() && gate.ColumnsInRoom(delta).has_value() &&
+    const bool shared_input = !h.requires_grad() && !attention_out.requires_grad() &&
+                              gate.ColumnsInRoom(delta).has_value() &&
                               up.ColumnsInRoom(delta).has_value();
-    x = RmsNorm(h, layer.post_attention_norm,
-                shared_input ? gate.NewInputWithRoom(num_tokens, h.options()) : at::Tensor());
-    const at::Tensor gated = Activate(gate.Forward(x, delta, shared_input), c.activation) *
-                             up.Forward(x, delta, shared_input);
-    h = Add(h, proj(layer, ProjectionKind::kDown, gated));
+    AddAndNorm added =
+        AddRmsNorm(h, attention_out, layer.post_attention_norm,
+                   shared_input ? gate.NewInputWithRoom(num_tokens, h.options()) : at::Tensor());
+    h = std::move(added.sum);
+    x = std::move(added.normed);
+    const at::Tensor gated = GatedActivation(gate.Forward(x, delta, shared_input),
+                                             up.Forward(x, delta, shared_input), c.activation);
+    const bool last = l + 1 == c.num_hidden_layers;
+    added = AddRmsNorm(h, proj(layer, ProjectionKind::kDown, gated),
+                       last ? final_norm_ : layers_[l + 1].input_norm);
+    h = std::move(added.sum);
+    x = std::move(added.normed);
   }
-  return RmsNorm(h, final_norm_);
+  return x;
 }
 
 }  // namespace moelora

@@ -21,6 +21,7 @@
 #include "absl/status/statusor.h"
 #include "core/linear.h"
 #include "core/model_config.h"
+#include "core/rms_norm.h"
 
 namespace moelora {
 
@@ -177,6 +178,10 @@ class Model {
   at::Tensor EmbedTensor(const at::Tensor& ids) const;
   // Into `out` when given (a view of a wider buffer), else a new tensor.
   at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, at::Tensor out = {}) const;
+  // The residual add h + residual and the norm after it, in one pass where a kernel applies.
+  AddAndNorm AddRmsNorm(const at::Tensor& h, const at::Tensor& residual, const at::Tensor& weight,
+                        at::Tensor out = {}) const;
+  NormWeighting norm_weighting() const;
   at::Tensor RopeInverseFrequencies() const;
 
   ModelConfig config_;

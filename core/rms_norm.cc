@@ -2,6 +2,10 @@
 
 #include <ATen/ATen.h>
 
+#include <utility>
+
+#include "core/strided_ops.h"
+
 #ifdef MOELORA_HAVE_CUDA_KERNELS
 #include <ATen/core/grad_mode.h>
 #include <c10/cuda/CUDAStream.h>
@@ -17,20 +21,29 @@ namespace moelora {
 namespace {
 
 #ifdef MOELORA_HAVE_CUDA_KERNELS
-// The kernel's norm, or undefined (nothing done) where it does not apply.
-at::Tensor KernelRmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
-                         NormWeighting weighting, at::Tensor out) {
+bool ColumnsContiguous(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; }
+
+// The kernel's norm of x (+ residual, written to `sum`, when residual is defined), or undefined
+// (nothing done) where it does not apply.
+at::Tensor KernelRmsNorm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                         double eps, NormWeighting weighting, at::Tensor out, at::Tensor* sum) {
   const std::optional<kernels::ElementType> type = KernelElementType(x.scalar_type());
   const std::optional<kernels::ElementType> weight_type = KernelElementType(weight.scalar_type());
   if (!type.has_value() || !weight_type.has_value() || !x.is_cuda() || x.dim() != 2 ||
       weight.dim() != 1 || weight.device() != x.device() || !weight.is_contiguous() ||
-      weight.size(0) != x.size(1) || (x.size(1) > 1 && x.stride(1) != 1) ||
+      weight.size(0) != x.size(1) || !ColumnsContiguous(x) ||
       (at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad()))) {
+    return at::Tensor();
+  }
+  if (residual.defined() &&
+      (residual.sizes() != x.sizes() || residual.scalar_type() != x.scalar_type() ||
+       residual.device() != x.device() || !ColumnsContiguous(residual) ||
+       (at::GradMode::is_enabled() && residual.requires_grad()))) {
     return at::Tensor();
   }
   if (out.defined()) {
     if (out.sizes() != x.sizes() || out.scalar_type() != x.scalar_type() ||
-        out.device() != x.device() || (out.size(1) > 1 && out.stride(1) != 1)) {
+        out.device() != x.device() || !ColumnsContiguous(out)) {
       return at::Tensor();
     }
   } else {
@@ -43,6 +56,13 @@ at::Tensor KernelRmsNorm(const at::Tensor& x, const at::Tensor& weight, double e
   args.cols = x.size(1);
   args.x = x.data_ptr();
   args.x_stride = x.stride(0);
+  if (residual.defined()) {
+    *sum = at::empty(x.sizes(), x.options());
+    args.residual = residual.data_ptr();
+    args.residual_stride = residual.stride(0);
+    args.sum = sum->data_ptr();
+    args.sum_stride = sum->stride(0);
+  }
   args.weight = weight.data_ptr();
   args.eps = static_cast<float>(eps);
   args.round_before_weight = weighting == NormWeighting::kRoundThenWeight;
@@ -60,7 +80,8 @@ at::Tensor KernelRmsNorm(const at::Tensor& x, const at::Tensor& weight, double e
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
                    NormWeighting weighting, at::Tensor out) {
 #ifdef MOELORA_HAVE_CUDA_KERNELS
-  if (at::Tensor normed = KernelRmsNorm(x, weight, eps, weighting, out); normed.defined()) {
+  if (at::Tensor normed = KernelRmsNorm(x, at::Tensor(), weight, eps, weighting, out, nullptr);
+      normed.defined()) {
     return normed;
   }
 #endif
@@ -72,6 +93,20 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
   }
   return out.defined() ? at::mul_out(out, weight, xf.to(x.scalar_type()))
                        : weight * xf.to(x.scalar_type());
+}
+
+AddAndNorm AddRmsNorm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                      double eps, NormWeighting weighting, at::Tensor out) {
+#ifdef MOELORA_HAVE_CUDA_KERNELS
+  at::Tensor sum;
+  if (at::Tensor normed = KernelRmsNorm(x, residual, weight, eps, weighting, out, &sum);
+      normed.defined()) {
+    return {std::move(sum), std::move(normed)};
+  }
+#endif
+  at::Tensor added = Add(x, residual);
+  at::Tensor normed = RmsNorm(added, weight, eps, weighting, std::move(out));
+  return {std::move(added), std::move(normed)};
 }
 
 }  // namespace moelora

@@ -58,4 +58,26 @@ at::Tensor Add(const at::Tensor& a, const at::Tensor& b) {
   return a + b;
 }
 
+at::Tensor GatedActivation(const at::Tensor& gate, const at::Tensor& up, Activation activation) {
+#ifdef MOELORA_HAVE_CUDA_KERNELS
+  if (gate.is_cuda() && !gate.requires_grad() && !up.requires_grad()) {
+    const kernels::BinaryOp op = activation == Activation::kSilu ? kernels::BinaryOp::kSiluTimes
+                                 : activation == Activation::kGeluTanh
+                                     ? kernels::BinaryOp::kGeluTanhTimes
+                                     : kernels::BinaryOp::kGeluTimes;
+    at::Tensor out = at::empty(gate.sizes(), gate.options());
+    if (TryRowStrided(op, out, gate, up)) return out;
+  }
+#endif
+  switch (activation) {
+    case Activation::kSilu:
+      return at::silu(gate) * up;
+    case Activation::kGeluTanh:
+      return at::gelu(gate, "tanh") * up;
+    case Activation::kGeluExact:
+      return at::gelu(gate) * up;
+  }
+  return gate * up;
+}
+
 }  // namespace moelora

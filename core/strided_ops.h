@@ -9,6 +9,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "core/model_config.h"
+
 namespace moelora {
 
 // x *= y in place (same shape and dtype).
@@ -16,6 +18,11 @@ void MultiplyInPlace(const at::Tensor& x, const at::Tensor& y);
 
 // a + b as a new contiguous tensor (same shape and dtype); through ATen where autograd records.
 at::Tensor Add(const at::Tensor& a, const at::Tensor& b);
+
+// The gated MLP's activation(gate) * up as a new contiguous tensor, with ATen's roundings (the
+// activation rounded to the dtype, then the product): one kernel instead of two passes over the
+// [tokens, intermediate] outputs.
+at::Tensor GatedActivation(const at::Tensor& gate, const at::Tensor& up, Activation activation);
 
 }  // namespace moelora
 

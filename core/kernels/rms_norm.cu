@@ -24,28 +24,41 @@ __device__ __forceinline__ float BlockSum(float value) {
 }
 
 // One block per row; each thread reads kVec consecutive elements per access. The second pass
-// re-reads x from L1/L2 (a row is a few KB).
+// re-reads the row (x, or the sum this thread wrote) from L1/L2 (a row is a few KB).
 template <typename T, typename W, int kVec>
-__global__ void __launch_bounds__(kThreads)
-    RmsNormKernel(int64_t cols, const T* x, int64_t x_stride, const W* weight, float eps,
-                  bool round_before_weight, T* out, int64_t out_stride) {
+__global__ void __launch_bounds__(kThreads) RmsNormKernel(RmsNormArgs args) {
   using P = Pack<T, kVec>;
-  const T* row = x + static_cast<int64_t>(blockIdx.x) * x_stride;
-  T* out_row = out + static_cast<int64_t>(blockIdx.x) * out_stride;
+  const int64_t cols = args.cols;
+  const T* row = static_cast<const T*>(args.x) + static_cast<int64_t>(blockIdx.x) * args.x_stride;
+  const T* residual_row = static_cast<const T*>(args.residual) +
+                          static_cast<int64_t>(blockIdx.x) * args.residual_stride;
+  T* sum_row = static_cast<T*>(args.sum) + static_cast<int64_t>(blockIdx.x) * args.sum_stride;
+  T* out_row = static_cast<T*>(args.out) + static_cast<int64_t>(blockIdx.x) * args.out_stride;
+  const W* weight = static_cast<const W*>(args.weight);
+  const bool has_residual = args.residual != nullptr;
   float squares = 0.0f;
   for (int64_t c = static_cast<int64_t>(threadIdx.x) * kVec; c < cols; c += kThreads * kVec) {
-    const P p = *reinterpret_cast<const P*>(row + c);
+    P p = *reinterpret_cast<const P*>(row + c);
+    if (has_residual) {
+      const P r = *reinterpret_cast<const P*>(residual_row + c);
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        p.values[v] = FromFloat<T>(ToFloat(p.values[v]) + ToFloat(r.values[v]));
+      }
+      *reinterpret_cast<P*>(sum_row + c) = p;
+    }
 #pragma unroll
     for (int v = 0; v < kVec; ++v) squares += ToFloat(p.values[v]) * ToFloat(p.values[v]);
   }
-  const float inverse_rms = rsqrtf(BlockSum(squares) / static_cast<float>(cols) + eps);
+  const float inverse_rms = rsqrtf(BlockSum(squares) / static_cast<float>(cols) + args.eps);
+  const T* normed_row = has_residual ? sum_row : row;
   for (int64_t c = static_cast<int64_t>(threadIdx.x) * kVec; c < cols; c += kThreads * kVec) {
-    const P p = *reinterpret_cast<const P*>(row + c);
+    const P p = *reinterpret_cast<const P*>(normed_row + c);
     P result;
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
       float normed = ToFloat(p.values[v]) * inverse_rms;
-      if (round_before_weight) normed = ToFloat(FromFloat<T>(normed));
+      if (args.round_before_weight) normed = ToFloat(FromFloat<T>(normed));
       result.values[v] = FromFloat<T>(normed * ToFloat(weight[c + v]));
     }
     *reinterpret_cast<P*>(out_row + c) = result;
@@ -54,9 +67,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, typename W, int kVec>
 cudaError_t LaunchWith(const RmsNormArgs& args, cudaStream_t stream) {
-  RmsNormKernel<T, W, kVec><<<static_cast<unsigned>(args.rows), kThreads, 0, stream>>>(
-      args.cols, static_cast<const T*>(args.x), args.x_stride, static_cast<const W*>(args.weight),
-      args.eps, args.round_before_weight, static_cast<T*>(args.out), args.out_stride);
+  RmsNormKernel<T, W, kVec><<<static_cast<unsigned>(args.rows), kThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -67,9 +78,11 @@ bool Aligned(const void* data, int64_t stride, int64_t vec, int64_t element_byte
 template <typename T, typename W>
 cudaError_t LaunchTyped(const RmsNormArgs& args, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  const bool vectorised = args.cols % kVec == 0 &&
-                          Aligned(args.x, args.x_stride, kVec, sizeof(T)) &&
-                          Aligned(args.out, args.out_stride, kVec, sizeof(T));
+  const bool vectorised =
+      args.cols % kVec == 0 && Aligned(args.x, args.x_stride, kVec, sizeof(T)) &&
+      Aligned(args.out, args.out_stride, kVec, sizeof(T)) &&
+      (args.residual == nullptr || (Aligned(args.residual, args.residual_stride, kVec, sizeof(T)) &&
+                                    Aligned(args.sum, args.sum_stride, kVec, sizeof(T))));
   return vectorised ? LaunchWith<T, W, kVec>(args, stream) : LaunchWith<T, W, 1>(args, stream);
 }
 

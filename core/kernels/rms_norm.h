@@ -21,7 +21,14 @@ struct RmsNormArgs {
   int64_t rows = 0;
   int64_t cols = 0;
   const void* x = nullptr;
-  int64_t x_stride = 0;          // elements between rows; columns contiguous
+  int64_t x_stride = 0;  // elements between rows; columns contiguous
+  // Optional residual branch: the norm is then of sum = x + residual (rounded to `type`, as an
+  // add kernel would), which is also written to `sum`; a decoder's residual add and the next norm
+  // in one pass. `sum` may not overlap x, residual or out.
+  const void* residual = nullptr;
+  int64_t residual_stride = 0;
+  void* sum = nullptr;
+  int64_t sum_stride = 0;
   const void* weight = nullptr;  // [cols]
   float eps = 0.0f;
   // Where the normalised value is rounded to `type` before the weight multiply (Llama:
@@ -31,7 +38,8 @@ struct RmsNormArgs {
   int64_t out_stride = 0;
 };
 
-// out[r][c] = x[r][c] / sqrt(mean_c(x[r]²) + eps) * weight[c], in fp32, rounded as above.
+// out[r][c] = x[r][c] / sqrt(mean_c(x[r]²) + eps) * weight[c], in fp32, rounded as above (x
+// being x + residual where there is one).
 // `out` may not overlap `x` unless it is `x` itself. Launches on `stream`.
 cudaError_t LaunchRmsNorm(const RmsNormArgs& args, cudaStream_t stream);
 

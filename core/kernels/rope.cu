@@ -29,45 +29,47 @@ __device__ __forceinline__ void Rotate(const T* x, const T* cos, const T* sin, i
   out[i + half] = Round<T>(high);
 }
 
-// One block per token; its threads take (head, i < head_dim / 2) pairs of the queries, then the
-// keys (rotated into the cache), then the values (copied into the cache).
+// Blocks of (token, chunk of pairs); each thread takes one (head, i < head_dim / 2) pair of the
+// queries, then the keys (rotated into the cache), then the values (copied into the cache). One
+// block per token looped over every pair and left a decode step's few tokens on a few SMs.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) RopeKernel(RopeArgs args) {
   const int64_t t = blockIdx.x;
   const int half = static_cast<int>(args.head_dim / 2);
+  const int query_pairs = static_cast<int>(args.heads) * half;
+  const int key_pairs = static_cast<int>(args.kv_heads) * half;
+  const int p = static_cast<int>(blockIdx.y) * kThreads + static_cast<int>(threadIdx.x);
+  if (p >= query_pairs + 2 * key_pairs) return;
   const T* cos = static_cast<const T*>(args.cos) + t * args.head_dim;
   const T* sin = static_cast<const T*>(args.sin) + t * args.head_dim;
   const int64_t cache_row =
       (args.slots[t] * args.max_seq + args.positions[t]) * args.kv_heads * args.head_dim;
-  const T* queries = static_cast<const T*>(args.queries) + t * args.queries_stride;
-  const T* keys = static_cast<const T*>(args.keys) + t * args.keys_stride;
-  const T* values = static_cast<const T*>(args.values) + t * args.values_stride;
-  T* rotated = static_cast<T*>(args.rotated_queries) + t * args.heads * args.head_dim;
-  T* key_cache = static_cast<T*>(args.key_cache) + cache_row;
-  T* value_cache = static_cast<T*>(args.value_cache) + cache_row;
-
-  const int64_t query_pairs = args.heads * half, key_pairs = args.kv_heads * half;
-  for (int64_t p = threadIdx.x; p < query_pairs + 2 * key_pairs; p += kThreads) {
-    if (p < query_pairs) {
-      const int64_t offset = (p / half) * args.head_dim;
-      Rotate(queries + offset, cos, sin, half, static_cast<int>(p % half), rotated + offset);
-    } else if (p < query_pairs + key_pairs) {
-      const int64_t q = p - query_pairs;
-      const int64_t offset = (q / half) * args.head_dim;
-      Rotate(keys + offset, cos, sin, half, static_cast<int>(q % half), key_cache + offset);
-    } else {
-      const int64_t q = p - query_pairs - key_pairs;
-      const int64_t offset = (q / half) * args.head_dim;
-      const int i = static_cast<int>(q % half);
-      value_cache[offset + i] = values[offset + i];
-      value_cache[offset + i + half] = values[offset + i + half];
-    }
+  if (p < query_pairs) {
+    const int offset = (p / half) * static_cast<int>(args.head_dim);
+    Rotate(static_cast<const T*>(args.queries) + t * args.queries_stride + offset, cos, sin, half,
+           p % half,
+           static_cast<T*>(args.rotated_queries) + t * args.heads * args.head_dim + offset);
+  } else if (p < query_pairs + key_pairs) {
+    const int q = p - query_pairs;
+    const int offset = (q / half) * static_cast<int>(args.head_dim);
+    Rotate(static_cast<const T*>(args.keys) + t * args.keys_stride + offset, cos, sin, half,
+           q % half, static_cast<T*>(args.key_cache) + cache_row + offset);
+  } else {
+    const int q = p - query_pairs - key_pairs;
+    const int offset = (q / half) * static_cast<int>(args.head_dim) + q % half;
+    const T* values = static_cast<const T*>(args.values) + t * args.values_stride + offset;
+    T* value_cache = static_cast<T*>(args.value_cache) + cache_row + offset;
+    value_cache[0] = values[0];
+    value_cache[half] = values[half];
   }
 }
 
 template <typename T>
 cudaError_t Launch(const RopeArgs& args, cudaStream_t stream) {
-  RopeKernel<T><<<static_cast<unsigned>(args.tokens), kThreads, 0, stream>>>(args);
+  const int64_t pairs = (args.heads + 2 * args.kv_heads) * (args.head_dim / 2);
+  const dim3 grid(static_cast<unsigned>(args.tokens),
+                  static_cast<unsigned>((pairs + kThreads - 1) / kThreads));
+  RopeKernel<T><<<grid, kThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <cmath>
 
 #include "core/kernels/element.cuh"
 #include "core/kernels/row_strided.h"
@@ -11,12 +12,31 @@ constexpr int kThreadsPerBlock = 256;
 constexpr int64_t kMaxBlocks = 4096;
 constexpr int kAccessBytes = 16;
 
-template <BinaryOp kOp>
+// The activations as ATen's CUDA kernels write them, in fp32.
+__device__ __forceinline__ float Silu(float x) { return x / (1.0f + expf(-x)); }
+__device__ __forceinline__ float GeluTanh(float x) {
+  constexpr float kBeta = static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5);
+  constexpr float kKappa = 0.044715f;
+  const float inner = kBeta * (x + kKappa * (x * x * x));
+  return 0.5f * x * (1.0f + tanhf(inner));
+}
+__device__ __forceinline__ float Gelu(float x) {
+  constexpr float kAlpha = static_cast<float>(M_SQRT1_2);
+  return x * 0.5f * (1.0f + erff(x * kAlpha));
+}
+
+template <typename T, BinaryOp kOp>
 __device__ __forceinline__ float Combine(float a, float b) {
   if constexpr (kOp == BinaryOp::kAdd) {
     return a + b;
-  } else {
+  } else if constexpr (kOp == BinaryOp::kMultiply) {
     return a * b;
+  } else if constexpr (kOp == BinaryOp::kSiluTimes) {
+    return ToFloat(FromFloat<T>(Silu(a))) * b;
+  } else if constexpr (kOp == BinaryOp::kGeluTanhTimes) {
+    return ToFloat(FromFloat<T>(GeluTanh(a))) * b;
+  } else {
+    return ToFloat(FromFloat<T>(Gelu(a))) * b;
   }
 }
 
@@ -37,7 +57,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     P result;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      result.values[k] = FromFloat<T>(Combine<kOp>(ToFloat(pa.values[k]), ToFloat(pb.values[k])));
+      result.values[k] =
+          FromFloat<T>(Combine<T, kOp>(ToFloat(pa.values[k]), ToFloat(pb.values[k])));
     }
     *reinterpret_cast<P*>(out + row * out_stride + col) = result;
   }
@@ -75,8 +96,19 @@ cudaError_t LaunchWidest(int64_t rows, int64_t cols, RowStridedOperand out, RowS
 template <typename T>
 cudaError_t LaunchForType(BinaryOp op, int64_t rows, int64_t cols, RowStridedOperand out,
                           RowStridedOperand a, RowStridedOperand b, cudaStream_t stream) {
-  return op == BinaryOp::kAdd ? LaunchWidest<T, BinaryOp::kAdd>(rows, cols, out, a, b, stream)
-                              : LaunchWidest<T, BinaryOp::kMultiply>(rows, cols, out, a, b, stream);
+  switch (op) {
+    case BinaryOp::kAdd:
+      return LaunchWidest<T, BinaryOp::kAdd>(rows, cols, out, a, b, stream);
+    case BinaryOp::kMultiply:
+      return LaunchWidest<T, BinaryOp::kMultiply>(rows, cols, out, a, b, stream);
+    case BinaryOp::kSiluTimes:
+      return LaunchWidest<T, BinaryOp::kSiluTimes>(rows, cols, out, a, b, stream);
+    case BinaryOp::kGeluTanhTimes:
+      return LaunchWidest<T, BinaryOp::kGeluTanhTimes>(rows, cols, out, a, b, stream);
+    case BinaryOp::kGeluTimes:
+      return LaunchWidest<T, BinaryOp::kGeluTimes>(rows, cols, out, a, b, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace

@@ -16,7 +16,9 @@
 
 namespace moelora::kernels {
 
-enum class BinaryOp { kAdd, kMultiply };
+// a + b, a * b, or an activation of a times b (the gated MLP's act(gate) * up), the activation
+// rounded to the element type first, as ATen's two ops round.
+enum class BinaryOp { kAdd, kMultiply, kSiluTimes, kGeluTanhTimes, kGeluTimes };
 
 // One operand: `rows` rows of `cols` contiguous elements, each row `row_stride` elements after
 // the one before.
@@ -25,10 +27,11 @@ struct RowStridedOperand {
   int64_t row_stride;
 };
 
-// out[r][c] = a[r][c] op b[r][c] for r < rows, c < cols, computed in fp32 and rounded once, as
-// ATen does. `out` may be `a` (in place) but must not otherwise overlap a or b. Uses 16-byte
-// accesses when every pointer, row stride and `cols` allow them, else one element per access.
-// Launches on `stream` (CUDA-graph capturable) and returns the launch error, if any.
+// out[r][c] = a[r][c] op b[r][c] for r < rows, c < cols, computed in fp32 and rounded once (after
+// the activation too, for the gated ops), as ATen does. `out` may be `a` (in place) but must not
+// otherwise overlap a or b. Uses 16-byte accesses when every pointer, row stride and `cols` allow
+// them, else one element per access. Launches on `stream` (CUDA-graph capturable) and returns the
+// launch error, if any.
 cudaError_t LaunchRowStridedBinary(BinaryOp op, ElementType type, int64_t rows, int64_t cols,
                                    RowStridedOperand out, RowStridedOperand a, RowStridedOperand b,
                                    cudaStream_t stream);

@@ -59,6 +59,42 @@ TEST(RmsNormTest, MatchesTheDefinitionForBothWeightings) {
   }
 }
 
+// The residual add and the norm after it: the sum exactly as Add rounds it, and the norm of that
+// rounded sum exactly as RmsNorm computes it, for a strided residual (o's output beside its
+// shrink) and a strided output (gate/up's shared input).
+TEST(RmsNormTest, AddRmsNormEqualsAddThenNorm) {
+  at::manual_seed(23);
+  for (const c10::Device device : Devices()) {
+    for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+      if (device.is_cpu() && dtype == at::kHalf) continue;
+      for (const int64_t hidden : {2048, 24, 13}) {
+        for (const NormWeighting weighting :
+             {NormWeighting::kRoundThenWeight, NormWeighting::kWeightInFp32}) {
+          const auto options = at::TensorOptions().device(device).dtype(dtype);
+          const at::Tensor h = at::randn({6, hidden}, options) * 3;
+          const at::Tensor residual = at::randn({6, hidden + 8}, options).narrow(1, 0, hidden);
+          const at::Tensor weight = weighting == NormWeighting::kWeightInFp32
+                                        ? at::randn({hidden}, options.dtype(at::kFloat)) + 1.0
+                                        : at::randn({hidden}, options);
+          const std::string what = ::testing::PrintToString(device) + " " +
+                                   std::string(c10::toString(dtype)) + " hidden " +
+                                   std::to_string(hidden);
+          const at::Tensor buffer = at::full({6, hidden + 16}, 7.0, options);
+          const at::Tensor out = buffer.narrow(1, 0, hidden);
+
+          const AddAndNorm added = AddRmsNorm(h, residual, weight, 1e-6, weighting, out);
+          const at::Tensor sum = h + residual;
+          EXPECT_TRUE(added.sum.is_contiguous()) << what;
+          EXPECT_TRUE(at::equal(added.sum.cpu(), sum.cpu())) << what;
+          EXPECT_EQ(added.normed.data_ptr(), out.data_ptr()) << what;
+          EXPECT_TRUE(at::equal(out.cpu(), RmsNorm(sum, weight, 1e-6, weighting).cpu())) << what;
+          EXPECT_TRUE(buffer.narrow(1, hidden, 16).eq(7.0).all().item<bool>()) << what;
+        }
+      }
+    }
+  }
+}
+
 // On CUDA the kernel and ATen's ops (the CPU path) agree to a rounding.
 TEST(RmsNormTest, KernelAgreesWithTheAtenPath) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA here: the kernel is not built in";
