@@ -7,100 +7,175 @@
 namespace moelora::kernels {
 namespace {
 
+constexpr int kWarpSize = 32;
 constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kMaxGroups = 8;  // query heads per KV head
-constexpr int kMinKeysPerSplit = 32;
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kMaxGroups = 8;         // query heads per KV head
+constexpr int kTileKeys = kWarpSize;  // keys a warp scores at once, one per lane
+constexpr int kMinKeysPerSplit = kTileKeys;
+constexpr int kChunk = 8;  // elements of a key row per 16-byte load
 constexpr float kLog2E = 1.4426950408889634f;
 
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
   return v;
 }
 
-// One block per (sequence, KV head, split of the keys). Each warp takes every kWarps-th key of
-// the split; each lane holds kDim / 32 dimensions of the group's queries and of its running
-// output, with an online softmax per query head (scores in the log2 domain). The warps then
-// merge through shared memory, and the block writes the normalised output (one split) or its
-// unnormalised partial with its max and sum for MergeSplits.
-template <typename T, int kDim>
-__global__ void __launch_bounds__(kThreads)
-    DecodeAttentionKernel(DecodeAttentionArgs args, int keys_per_split) {
-  constexpr int kVec = kDim / 32;
+__device__ __forceinline__ float WarpMax(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// One block per (sequence, KV head, split of the keys). A split is an even share of the
+// sequence's own keys (read on the device, so a graph captured for a context bucket still gives
+// every block work), in whole tiles of 32 keys. The block's warps share each tile:
+//   scores: lane l takes key l of the tile; warp w its dot products over a quarter of the
+//           dimensions with every query head of the group (the queries in shared memory, read as
+//           broadcasts), and the quarters add up through shared memory: no warp sum per score;
+//   softmax: every warp makes the same online update per head for the tile (a warp max);
+//   values: warp w accumulates keys 8w..8w+7 of the tile, each lane kDim / 32 dimensions of
+//           every head's output.
+// Earlier versions gave the lanes dimensions in the scores and paid a 5-step warp sum per
+// (head, key): instruction-bound, 57 µs a layer at batch 32. The warps then merge through shared
+// memory (their maxima are equal), and the block writes the normalised output (one split) or its
+// unnormalised partial with its max and sum for MergeSplits. kGroups is the number of query heads
+// per KV head, or kMaxGroups with `groups` below it for an uncommon grouping.
+template <typename T, int kDim, int kGroups>
+__global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentionArgs args) {
+  constexpr int kVec = kDim / kWarpSize;            // output dimensions per lane
+  constexpr int kSliceDims = kDim / kWarps;         // score dimensions per warp
+  constexpr int kKeysPerWarp = kTileKeys / kWarps;  // value rows per warp and tile
+  static_assert(kSliceDims % kChunk == 0, "a warp's slice is whole 16-byte chunks");
   using P = Pack<T, kVec>;
+  using Chunk = Pack<T, kChunk>;
   const int seq = blockIdx.x, kv = blockIdx.y, split = blockIdx.z;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int groups = static_cast<int>(args.heads / args.kv_heads);
+  auto has_group = [&](int g) { return g < kGroups && (kGroups != kMaxGroups || g < groups); };
 
-  const int64_t position = args.positions[seq];
-  int64_t begin = static_cast<int64_t>(split) * keys_per_split;
-  if (args.sliding_window > 0) begin = max(begin, position - args.sliding_window + 1);
-  const int64_t end = min(position + 1, static_cast<int64_t>(split + 1) * keys_per_split);
-
-  float query[kMaxGroups][kVec];
-  const T* queries = static_cast<const T*>(args.queries) +
-                     (seq * args.heads + static_cast<int64_t>(kv) * groups) * kDim + lane * kVec;
-  const float query_scale = args.scale * kLog2E;
-#pragma unroll
-  for (int g = 0; g < kMaxGroups; ++g) {
-    if (g < groups) {
-      const P packed = *reinterpret_cast<const P*>(queries + g * kDim);
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) query[g][i] = ToFloat(packed.values[i]) * query_scale;
+  __shared__ __align__(16) float query_s[kGroups][kDim];  // scaled into the log2 domain
+  __shared__ float partial_s[kWarps][kGroups][kTileKeys];
+  __shared__ __align__(16) float probs_s[kTileKeys][kGroups];
+  const int64_t head0 = seq * args.heads + static_cast<int64_t>(kv) * groups;
+  {
+    const T* queries = static_cast<const T*>(args.queries) + head0 * kDim;
+    const float query_scale = args.scale * kLog2E;
+    for (int index = threadIdx.x; index < kGroups * kDim; index += kThreads) {
+      const int g = index / kDim;
+      query_s[g][index % kDim] = has_group(g) ? ToFloat(queries[index]) * query_scale : 0.f;
     }
   }
 
-  float running_max[kMaxGroups], running_sum[kMaxGroups], acc[kMaxGroups][kVec];
+  const int64_t position = args.positions[seq];
+  const int64_t first =
+      args.sliding_window > 0 ? max(int64_t{0}, position - args.sliding_window + 1) : 0;
+  // Whole tiles where the keys allow (a part-filled tile costs a whole tile's scores).
+  const int64_t even_share = (position + 1 - first + args.splits - 1) / args.splits;
+  const int64_t per_split = (even_share + kTileKeys - 1) / kTileKeys * kTileKeys;
+  const int64_t begin = first + split * per_split;
+  const int keys_in_split =
+      static_cast<int>(max(int64_t{0}, min(position + 1, begin + per_split) - begin));
+
+  const int64_t row_stride = args.kv_heads * kDim;  // one cache position
+  const int64_t base =
+      (args.slots[seq] * args.max_seq + begin) * row_stride + static_cast<int64_t>(kv) * kDim;
+  const T* keys = static_cast<const T*>(args.keys) + base + warp * kSliceDims;
+  const T* values = static_cast<const T*>(args.values) + base + lane * kVec;
+
+  float running_max[kGroups], lane_sum[kGroups], acc[kGroups][kVec];
 #pragma unroll
-  for (int g = 0; g < kMaxGroups; ++g) {
+  for (int g = 0; g < kGroups; ++g) {
     running_max[g] = -INFINITY;
-    running_sum[g] = 0.f;
+    lane_sum[g] = 0.f;
 #pragma unroll
     for (int i = 0; i < kVec; ++i) acc[g][i] = 0.f;
   }
+  __syncthreads();  // the queries
 
-  const int64_t row_stride = args.kv_heads * kDim;  // one cache position
-  const int64_t offset =
-      args.slots[seq] * args.max_seq * row_stride + static_cast<int64_t>(kv) * kDim + lane * kVec;
-  const T* keys = static_cast<const T*>(args.keys) + offset;
-  const T* values = static_cast<const T*>(args.values) + offset;
-  for (int64_t key = begin + warp; key < end; key += kWarps) {
-    const P key_packed = *reinterpret_cast<const P*>(keys + key * row_stride);
-    const P value_packed = *reinterpret_cast<const P*>(values + key * row_stride);
-    float key_row[kVec], value_row[kVec];
+  for (int tile = 0; tile < keys_in_split; tile += kTileKeys) {
+    const bool valid = tile + lane < keys_in_split;
+    {
+      float partial[kGroups];
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      key_row[i] = ToFloat(key_packed.values[i]);
-      value_row[i] = ToFloat(value_packed.values[i]);
+      for (int g = 0; g < kGroups; ++g) partial[g] = 0.f;
+      if (valid) {
+        const T* key_row = keys + static_cast<int64_t>(tile + lane) * row_stride;
+#pragma unroll
+        for (int c = 0; c < kSliceDims; c += kChunk) {
+          const Chunk packed = *reinterpret_cast<const Chunk*>(key_row + c);
+          float k[kChunk];
+#pragma unroll
+          for (int i = 0; i < kChunk; ++i) k[i] = ToFloat(packed.values[i]);
+          const int d = warp * kSliceDims + c;
+#pragma unroll
+          for (int g = 0; g < kGroups; ++g) {
+            if (!has_group(g)) continue;
+            const float4 q0 = *reinterpret_cast<const float4*>(&query_s[g][d]);
+            const float4 q1 = *reinterpret_cast<const float4*>(&query_s[g][d + 4]);
+            partial[g] += q0.x * k[0] + q0.y * k[1] + q0.z * k[2] + q0.w * k[3] + q1.x * k[4] +
+                          q1.y * k[5] + q1.z * k[6] + q1.w * k[7];
+          }
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) partial_s[warp][g][lane] = partial[g];
     }
+    __syncthreads();
+
+    // Every warp makes the same update (its first key is always valid); each keeps the sum and
+    // the probabilities of its own value rows.
+    const bool own_key = lane / kKeysPerWarp == warp;
 #pragma unroll
-    for (int g = 0; g < kMaxGroups; ++g) {
-      if (g < groups) {
-        float score = 0.f;
+    for (int g = 0; g < kGroups; ++g) {
+      if (!has_group(g)) continue;
+      float score = 0.f;
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) score += query[g][i] * key_row[i];
-        score = WarpSum(score);
-        const float new_max = fmaxf(running_max[g], score);
-        const float rescale = exp2f(running_max[g] - new_max);  // 0 on the first key
-        const float weight = exp2f(score - new_max);
-        running_sum[g] = running_sum[g] * rescale + weight;
+      for (int w = 0; w < kWarps; ++w) score += partial_s[w][g][lane];
+      const float new_max = fmaxf(running_max[g], WarpMax(valid ? score : -INFINITY));
+      const float rescale = exp2f(running_max[g] - new_max);  // 0 on the first tile
+      const float prob = valid ? exp2f(score - new_max) : 0.f;
+      lane_sum[g] = lane_sum[g] * rescale + (own_key ? prob : 0.f);
+      running_max[g] = new_max;
+      if (own_key) probs_s[lane][g] = prob;
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[g][i] = acc[g][i] * rescale + weight * value_row[i];
-        running_max[g] = new_max;
+      for (int i = 0; i < kVec; ++i) acc[g][i] *= rescale;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int j = warp * kKeysPerWarp; j < (warp + 1) * kKeysPerWarp; ++j) {
+      if (tile + j >= keys_in_split) break;
+      const P packed =
+          *reinterpret_cast<const P*>(values + static_cast<int64_t>(tile + j) * row_stride);
+      float v[kVec];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) v[i] = ToFloat(packed.values[i]);
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        if (!has_group(g)) continue;
+        const float prob = probs_s[j][g];
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[g][i] += prob * v[i];
       }
     }
+    __syncthreads();  // partial_s and probs_s are rewritten by the next tile
   }
 
-  __shared__ float warp_max[kWarps][kMaxGroups];
-  __shared__ float warp_sum[kWarps][kMaxGroups];
-  __shared__ float warp_acc[kWarps][kMaxGroups][kDim];
+  __shared__ float warp_max[kWarps][kGroups];
+  __shared__ float warp_sum[kWarps][kGroups];
+  __shared__ float warp_acc[kWarps][kGroups][kDim];
 #pragma unroll
-  for (int g = 0; g < kMaxGroups; ++g) {
-    if (g < groups) {
+  for (int g = 0; g < kGroups; ++g) {
+    if (has_group(g)) {
+      const float sum = WarpSum(lane_sum[g]);
       if (lane == 0) {
         warp_max[warp][g] = running_max[g];
-        warp_sum[warp][g] = running_sum[g];
+        warp_sum[warp][g] = sum;
       }
 #pragma unroll
       for (int i = 0; i < kVec; ++i) warp_acc[warp][g][lane * kVec + i] = acc[g][i];
@@ -108,15 +183,15 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  const int64_t head0 = seq * args.heads + static_cast<int64_t>(kv) * groups;
-  for (int index = threadIdx.x; index < groups * kDim; index += kThreads) {
+  const int block_groups = kGroups == kMaxGroups ? groups : kGroups;
+  for (int index = threadIdx.x; index < block_groups * kDim; index += kThreads) {
     const int g = index / kDim, d = index % kDim;
     float block_max = -INFINITY;
     for (int w = 0; w < kWarps; ++w) block_max = fmaxf(block_max, warp_max[w][g]);
     float block_sum = 0.f, block_acc = 0.f;
     if (block_max != -INFINITY) {  // a split past the sequence's keys has none
       for (int w = 0; w < kWarps; ++w) {
-        const float rescale = exp2f(warp_max[w][g] - block_max);
+        const float rescale = exp2f(warp_max[w][g] - block_max);  // 0 for a warp without keys
         block_sum += warp_sum[w][g] * rescale;
         block_acc += warp_acc[w][g][d] * rescale;
       }
@@ -147,8 +222,10 @@ __global__ void MergeSplitsKernel(DecodeAttentionArgs args) {
   const float* sums = args.workspace + partials + head * args.splits;
   const float* accs = args.workspace + 2 * partials + head * args.splits * args.head_dim + d;
   float global_max = -INFINITY;
+#pragma unroll 4
   for (int s = 0; s < args.splits; ++s) global_max = fmaxf(global_max, maxima[s]);
   float sum = 0.f, acc = 0.f;
+#pragma unroll 4
   for (int s = 0; s < args.splits; ++s) {
     const float rescale = exp2f(maxima[s] - global_max);  // 0 for a split without keys
     sum += sums[s] * rescale;
@@ -157,32 +234,47 @@ __global__ void MergeSplitsKernel(DecodeAttentionArgs args) {
   static_cast<T*>(args.out)[head * args.head_dim + d] = FromFloat<T>(acc / sum);
 }
 
-int KeysPerSplit(const DecodeAttentionArgs& args) {
-  return static_cast<int>((args.max_keys + args.splits - 1) / args.splits);
-}
-
-template <typename T, int kDim>
-cudaError_t Launch(const DecodeAttentionArgs& args, cudaStream_t stream) {
+template <typename T, int kDim, int kGroups>
+void LaunchKernels(const DecodeAttentionArgs& args, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(args.seqs), static_cast<unsigned>(args.kv_heads),
                   static_cast<unsigned>(args.splits));
-  DecodeAttentionKernel<T, kDim><<<grid, kThreads, 0, stream>>>(args, KeysPerSplit(args));
+  DecodeAttentionKernel<T, kDim, kGroups><<<grid, kThreads, 0, stream>>>(args);
   if (args.splits > 1) {
     MergeSplitsKernel<T><<<static_cast<unsigned>(args.seqs * args.heads), kDim, 0, stream>>>(args);
   }
-  return cudaGetLastError();
+}
+
+// The grouping as a template argument, so each head's scores and updates unroll without checks.
+template <typename T, int kDim>
+void LaunchForGroups(const DecodeAttentionArgs& args, cudaStream_t stream) {
+  switch (args.heads / args.kv_heads) {
+    case 1:
+      return LaunchKernels<T, kDim, 1>(args, stream);
+    case 2:
+      return LaunchKernels<T, kDim, 2>(args, stream);
+    case 4:
+      return LaunchKernels<T, kDim, 4>(args, stream);
+    default:  // 8, or up to 8 with the heads past `groups` skipped
+      return LaunchKernels<T, kDim, kMaxGroups>(args, stream);
+  }
 }
 
 template <typename T>
 cudaError_t LaunchForDim(const DecodeAttentionArgs& args, cudaStream_t stream) {
   switch (args.head_dim) {
     case 64:
-      return Launch<T, 64>(args, stream);
+      LaunchForGroups<T, 64>(args, stream);
+      break;
     case 128:
-      return Launch<T, 128>(args, stream);
+      LaunchForGroups<T, 128>(args, stream);
+      break;
     case 256:
-      return Launch<T, 256>(args, stream);
+      LaunchForGroups<T, 256>(args, stream);
+      break;
+    default:
+      return cudaErrorInvalidValue;
   }
-  return cudaErrorInvalidValue;
+  return cudaGetLastError();
 }
 
 }  // namespace
