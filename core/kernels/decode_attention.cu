@@ -126,6 +126,20 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentio
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) partial_s[warp][g][lane] = partial[g];
     }
+    // This warp's value rows of the tile, loaded before the barrier so that their latency
+    // overlaps the wait and the softmax (rows past the split are zeros, their probabilities 0).
+    P value_rows[kKeysPerWarp];
+#pragma unroll
+    for (int r = 0; r < kKeysPerWarp; ++r) {
+      const int j = warp * kKeysPerWarp + r;
+      if (tile + j < keys_in_split) {
+        value_rows[r] =
+            *reinterpret_cast<const P*>(values + static_cast<int64_t>(tile + j) * row_stride);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) value_rows[r].values[i] = FromFloat<T>(0.f);
+      }
+    }
     __syncthreads();
 
     // Every warp makes the same update (its first key is always valid); each keeps the sum and
@@ -148,19 +162,30 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentio
     }
     __syncwarp();
 #pragma unroll
-    for (int j = warp * kKeysPerWarp; j < (warp + 1) * kKeysPerWarp; ++j) {
-      if (tile + j >= keys_in_split) break;
-      const P packed =
-          *reinterpret_cast<const P*>(values + static_cast<int64_t>(tile + j) * row_stride);
+    for (int r = 0; r < kKeysPerWarp; ++r) {
+      const int j = warp * kKeysPerWarp + r;
       float v[kVec];
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) v[i] = ToFloat(packed.values[i]);
+      for (int i = 0; i < kVec; ++i) v[i] = ToFloat(value_rows[r].values[i]);
+      float probs[kGroups];
+      if constexpr (kGroups % 4 == 0) {
+#pragma unroll
+        for (int g = 0; g < kGroups; g += 4) {
+          const float4 p4 = *reinterpret_cast<const float4*>(&probs_s[j][g]);
+          probs[g] = p4.x;
+          probs[g + 1] = p4.y;
+          probs[g + 2] = p4.z;
+          probs[g + 3] = p4.w;
+        }
+      } else {
+#pragma unroll
+        for (int g = 0; g < kGroups; ++g) probs[g] = probs_s[j][g];
+      }
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
         if (!has_group(g)) continue;
-        const float prob = probs_s[j][g];
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[g][i] += prob * v[i];
+        for (int i = 0; i < kVec; ++i) acc[g][i] += probs[g] * v[i];
       }
     }
     __syncthreads();  // partial_s and probs_s are rewritten by the next tile
