@@ -395,9 +395,6 @@ at::Tensor Model::DecodeStep(const DecodeStepInputs& inputs, KvCache& cache,
   plan.positions = inputs.positions;
   plan.token_slots = inputs.slots;
   plan.slots = inputs.slots;
-  // Keys past a sequence's own length (up to the bucket's context) are masked like padding.
-  plan.blocked =
-      BlockedKeys(inputs.positions.view({plan.num_seqs, 1}), inputs.positions + 1, inputs.context);
   return at::linear(RunDecoder(plan, cache, delta), lm_head_);
 }
 
@@ -441,6 +438,15 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
   auto proj = [&](const Layer& layer, ProjectionKind kind, const at::Tensor& x) {
     return layer.projections[static_cast<int>(kind)].Forward(x, delta);
   };
+  // A decode step's mask, built on first use: keys past a sequence's own length (up to the
+  // bucket's context) are masked like padding.
+  at::Tensor blocked = plan.blocked;
+  auto blocked_keys = [&]() -> const at::Tensor& {
+    if (!blocked.defined()) {
+      blocked = BlockedKeys(plan.positions.view({num_seqs, 1}), plan.positions + 1, max_total);
+    }
+    return blocked;
+  };
 #ifdef MOELORA_HAVE_FUSED_ATTENTION
   // Prefill in bf16/fp16 on CUDA: the attention core is torch's fused kernel (fp32 accumulation
   // inside, no fp32 copy of the cached keys and values; 10% faster prefill on gemma-2b), with the
@@ -450,7 +456,8 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
   const bool fused_attention = options_.device.is_cuda() && max_new > 1 &&
                                (options_.dtype == at::kBFloat16 || options_.dtype == at::kHalf);
   const at::Tensor allowed = fused_attention
-                                 ? plan.blocked.logical_not()
+                                 ? blocked_keys()
+                                       .logical_not()
                                        .expand({num_seqs, 1, groups, max_new, max_total})
                                        .reshape({num_seqs, 1, groups * max_new, max_total})
                                  : at::Tensor();
@@ -507,7 +514,7 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
         const at::Tensor scores =
             (at::matmul(grouped_q.to(accumulate), keys.to(accumulate).transpose(-1, -2)) * scale)
                 .view({num_seqs, kv_heads, groups, max_new, max_total})
-                .masked_fill(plan.blocked, -std::numeric_limits<float>::infinity());
+                .masked_fill(blocked_keys(), -std::numeric_limits<float>::infinity());
         const at::Tensor probs =
             at::softmax(scores, -1).view({num_seqs, kv_heads, groups * max_new, max_total});
         core = at::matmul(probs, values.to(accumulate)).to(options_.dtype);
