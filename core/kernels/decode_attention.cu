@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kThreads) DecodeAttentionKernel(DecodeAttentio
     float block_sum = 0.f, block_acc = 0.f;
     if (block_max != -INFINITY) {  // a split past the sequence's keys has none
       for (int w = 0; w < kWarps; ++w) {
-        const float rescale = exp2f(warp_max[w][g] - block_max);  // 0 for a warp without keys
+        const float rescale = exp2f(warp_max[w][g] - block_max);  // 1: the warps share one max
         block_sum += warp_sum[w][g] * rescale;
         block_acc += warp_acc[w][g][d] * rescale;
       }
