@@ -27,6 +27,18 @@ void ExpectNear(const at::Tensor& got, const at::Tensor& reference, const std::s
       << what << ": max difference " << difference.max().item<double>();
 }
 
+// A norm weight as each weighting takes it: Gemma's fp32 1 + w, or w in the model's dtype.
+at::Tensor NormWeight(NormWeighting weighting, int64_t hidden, const at::TensorOptions& options) {
+  return weighting == NormWeighting::kWeightInFp32
+             ? at::randn({hidden}, options.dtype(at::kFloat)) + 1.0
+             : at::randn({hidden}, options);
+}
+
+std::string Label(c10::Device device, at::ScalarType dtype, int64_t hidden) {
+  return ::testing::PrintToString(device) + " " + std::string(c10::toString(dtype)) + " hidden " +
+         std::to_string(hidden);
+}
+
 TEST(RmsNormTest, MatchesTheDefinitionForBothWeightings) {
   at::manual_seed(21);
   for (const c10::Device device : Devices()) {
@@ -38,12 +50,8 @@ TEST(RmsNormTest, MatchesTheDefinitionForBothWeightings) {
           const auto options = at::TensorOptions().device(device).dtype(dtype);
           // Rows strided, as in a buffer with room: the norm must read only the first `hidden`.
           const at::Tensor x = (at::randn({5, hidden + 8}, options) * 3).narrow(1, 0, hidden);
-          const at::Tensor weight = weighting == NormWeighting::kWeightInFp32
-                                        ? at::randn({hidden}, options.dtype(at::kFloat)) + 1.0
-                                        : at::randn({hidden}, options);
-          const std::string what = ::testing::PrintToString(device) + " " +
-                                   std::string(c10::toString(dtype)) + " hidden " +
-                                   std::to_string(hidden);
+          const at::Tensor weight = NormWeight(weighting, hidden, options);
+          const std::string what = Label(device, dtype, hidden);
           const at::Tensor normed = RmsNorm(x, weight, 1e-6, weighting);
           EXPECT_EQ(normed.scalar_type(), dtype) << what;
           ExpectNear(normed, Reference(x, weight, 1e-6), what);
@@ -73,12 +81,8 @@ TEST(RmsNormTest, AddRmsNormEqualsAddThenNorm) {
           const auto options = at::TensorOptions().device(device).dtype(dtype);
           const at::Tensor h = at::randn({6, hidden}, options) * 3;
           const at::Tensor residual = at::randn({6, hidden + 8}, options).narrow(1, 0, hidden);
-          const at::Tensor weight = weighting == NormWeighting::kWeightInFp32
-                                        ? at::randn({hidden}, options.dtype(at::kFloat)) + 1.0
-                                        : at::randn({hidden}, options);
-          const std::string what = ::testing::PrintToString(device) + " " +
-                                   std::string(c10::toString(dtype)) + " hidden " +
-                                   std::to_string(hidden);
+          const at::Tensor weight = NormWeight(weighting, hidden, options);
+          const std::string what = Label(device, dtype, hidden);
           const at::Tensor buffer = at::full({6, hidden + 16}, 7.0, options);
           const at::Tensor out = buffer.narrow(1, 0, hidden);
 
