@@ -13,6 +13,7 @@
 #include "core/device_memory.h"
 #include "core/status_macros.h"
 #include "core/strided_ops.h"
+#include "core/weighted_shrink.h"
 
 namespace moelora {
 
@@ -379,9 +380,19 @@ std::optional<int64_t> MixtureDelta::ExpandColumnsInRoom(const ProjectionId& id)
 
 void MixtureDelta::ScaledShrinkInto(const ProjectionId& id, const at::Tensor& x,
                                     at::Tensor out) const {
-  const at::Tensor a = FirstSlots(pool_.stacks_[ProjectionIndex(id)].a, snapshot_->size());
-  at::mm_out(out, x, a.t());
-  MultiplyInPlace(out, row_weights_);
+  WeightedShrinkInto(x, row_weights_, {{ActiveA(id), std::move(out)}});
+}
+
+void MixtureDelta::ScaledShrinkPairInto(const ProjectionId& first, const ProjectionId& second,
+                                        const at::Tensor& x, at::Tensor first_out,
+                                        at::Tensor second_out) const {
+  WeightedShrinkInto(
+      x, row_weights_,
+      {{ActiveA(first), std::move(first_out)}, {ActiveA(second), std::move(second_out)}});
+}
+
+at::Tensor MixtureDelta::ActiveA(const ProjectionId& id) const {
+  return FirstSlots(pool_.stacks_[ProjectionIndex(id)].a, snapshot_->size());
 }
 
 at::Tensor MixtureDelta::ApplyShrunk(const ProjectionId& id, at::Tensor shrink,

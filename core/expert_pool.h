@@ -190,6 +190,10 @@ class MixtureDelta : public LinearDelta {
                          at::Tensor base_output) const override;
   std::optional<int64_t> ExpandColumnsInRoom(const ProjectionId& id) const override;
   void ScaledShrinkInto(const ProjectionId& id, const at::Tensor& x, at::Tensor out) const override;
+  // Both in one kernel in a decode step (core/weighted_shrink.h).
+  void ScaledShrinkPairInto(const ProjectionId& first, const ProjectionId& second,
+                            const at::Tensor& x, at::Tensor first_out,
+                            at::Tensor second_out) const override;
   std::optional<int64_t> GroupShrinkRowsInRoom(
       absl::Span<const ProjectionId> members) const override;
   at::Tensor ApplyGroupShrunk(absl::Span<const ProjectionId> members, at::Tensor shrink,
@@ -200,6 +204,8 @@ class MixtureDelta : public LinearDelta {
   // room, the active slots are a prefix, and nothing needs gradients; else nullopt.
   std::optional<int64_t> ActiveRowsInRoom(const ProjectionId& id,
                                           bool ExpertPool::Stack::*in_room) const;
+  // The active slots' A rows of a projection, [n * max_rank, in] (scaling folded in).
+  at::Tensor ActiveA(const ProjectionId& id) const;
 
   const ExpertPool& pool_;
   std::shared_ptr<const ExpertSnapshot> snapshot_;

@@ -81,6 +81,13 @@ void LinearDelta::ScaledShrinkInto(const ProjectionId& /*id*/, const at::Tensor&
   TORCH_CHECK(false, "ScaledShrinkInto called on a delta that keeps no columns in a room");
 }
 
+void LinearDelta::ScaledShrinkPairInto(const ProjectionId& first, const ProjectionId& second,
+                                       const at::Tensor& x, at::Tensor first_out,
+                                       at::Tensor second_out) const {
+  ScaledShrinkInto(first, x, std::move(first_out));
+  ScaledShrinkInto(second, x, std::move(second_out));
+}
+
 at::Tensor LinearDelta::ApplyGroupShrunk(absl::Span<const ProjectionId> /*members*/,
                                          at::Tensor /*shrink*/, at::Tensor base_output) const {
   TORCH_CHECK(false, "ApplyGroupShrunk called on a delta that keeps no rows in a group's room");
@@ -143,13 +150,28 @@ std::optional<int64_t> Linear::ColumnsInRoom(const LinearDelta* delta) const {
   return delta->ExpandColumnsInRoom(id_);
 }
 
-at::Tensor Linear::NewInputWithRoom(int64_t tokens, const at::TensorOptions& options) const {
-  TORCH_CHECK(layout_ == RoomLayout::kColumns && weight_and_room_.defined(),
-              "NewInputWithRoom needs a projection with column room");
-  return at::empty({tokens, weight_and_room_.size(1)}, options).narrow(1, 0, in_features());
+std::pair<at::Tensor, at::Tensor> Linear::NewPairedInputsWithRoom(
+    const Linear& first, const Linear& second, int64_t tokens, const at::TensorOptions& options) {
+  for (const Linear* linear : {&first, &second}) {
+    TORCH_CHECK(linear->layout_ == RoomLayout::kColumns && linear->weight_and_room_.defined(),
+                "NewPairedInputsWithRoom needs projections with column room");
+  }
+  TORCH_CHECK(first.in_features() == second.in_features(),
+              "paired inputs need projections of one input width");
+  // Each part as wide as its weight's padded rows, so both copies of x start aligned.
+  const int64_t first_width = first.weight_and_room_.size(1);
+  const at::Tensor buffer =
+      at::empty({tokens, first_width + second.weight_and_room_.size(1)}, options);
+  return {buffer.narrow(1, 0, first.in_features()),
+          buffer.narrow(1, first_width, second.in_features())};
 }
 
-at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta, bool x_has_room) const {
+at::Tensor Linear::ShrinkColumnsBeside(const at::Tensor& x, int64_t columns) {
+  return x.as_strided({x.size(0), columns}, {x.stride(0), 1}, x.storage_offset() + x.size(1));
+}
+
+at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta,
+                           bool shrunk_beside) const {
   if (delta != nullptr && weight_and_room_.defined() && !x.requires_grad()) {
     if (layout_ == RoomLayout::kRows) {
       if (const std::optional<int64_t> rows = delta->ShrinkRowsInRoom(id_); rows.has_value()) {
@@ -160,7 +182,7 @@ at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta, bool x
     } else if (const std::optional<int64_t> columns = ColumnsInRoom(delta); columns.has_value()) {
       const int64_t in = in_features();
       at::Tensor widened;
-      if (x_has_room) {
+      if (shrunk_beside) {
         TORCH_CHECK(x.stride(1) == 1 && x.stride(0) >= in + *columns,
                     "an input with room has no room for ", *columns, " shrink columns");
         widened = x.as_strided({x.size(0), in + *columns}, {x.stride(0), 1});
@@ -168,8 +190,8 @@ at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta, bool x
         widened = at::empty({x.size(0), weight_and_room_.size(1)}, x.options())
                       .narrow(1, 0, in + *columns);
         widened.narrow(1, 0, in).copy_(x);
+        delta->ScaledShrinkInto(id_, x, widened.narrow(1, in, *columns));
       }
-      delta->ScaledShrinkInto(id_, x, widened.narrow(1, in, *columns));
       return at::linear(widened, weight_and_room_.narrow(1, 0, in + *columns), bias_);
     }
   }

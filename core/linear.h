@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/string_view.h"
@@ -72,6 +73,11 @@ class LinearDelta {
   }
   // Writes the weighted shrink (the expand GEMM's input) into `out` [tokens, N], a column block.
   virtual void ScaledShrinkInto(const ProjectionId& id, const at::Tensor& x, at::Tensor out) const;
+  // The same for two projections that read x (gate and up), each into its own `out`; the default
+  // writes one after the other, a delta may write both in one pass.
+  virtual void ScaledShrinkPairInto(const ProjectionId& first, const ProjectionId& second,
+                                    const at::Tensor& x, at::Tensor first_out,
+                                    at::Tensor second_out) const;
 
   // ShrinkRowsInRoom and ApplyShrunk for a LinearGroup with these members: N rows of the group's
   // room (slot-major over the members) and shrink [tokens, N]; base_output [tokens, Σ out].
@@ -111,17 +117,22 @@ class Linear {
   // filled by the pool; its Forward never folds the room into the GEMM (the group's does).
   static Linear GroupMember(ProjectionId id, at::Tensor weight, at::Tensor bias, at::Tensor room);
 
-  // x: [tokens, in] -> [tokens, out]. `delta` may be null (plain base model). `x_has_room`: x
-  // came from NewInputWithRoom, so the column-room path writes the shrink beside it in place
-  // instead of copying x into a wider buffer first.
-  at::Tensor Forward(const at::Tensor& x, const LinearDelta* delta, bool x_has_room = false) const;
+  // x: [tokens, in] -> [tokens, out]. `delta` may be null (plain base model). `shrunk_beside`:
+  // x came from NewPairedInputsWithRoom and its ColumnsInRoom(delta) shrink columns are already
+  // written (ScaledShrinkPairInto), so the column-room path is the GEMM alone, with no copy of x.
+  at::Tensor Forward(const at::Tensor& x, const LinearDelta* delta,
+                     bool shrunk_beside = false) const;
   // The shrink columns Forward writes beside its input when it folds `delta`'s expand into this
   // projection's column room (it does so only for an input that needs no gradient), else nullopt.
   std::optional<int64_t> ColumnsInRoom(const LinearDelta* delta) const;
-  // Column room only: a [tokens, in] view of a buffer whose rows have room for the shrink
-  // columns. Projections with the same input and room (gate, up) share one, one after the other:
-  // the input is written once, by its producer.
-  at::Tensor NewInputWithRoom(int64_t tokens, const at::TensorOptions& options) const;
+  // Column room only, for two projections with one input (gate, up): [tokens, in] views of one
+  // buffer whose rows are [x | first's room | x | second's room]. The producer of x writes both
+  // copies (the norm does, in its one pass), and then both shrinks can be written in one pass
+  // before either GEMM.
+  static std::pair<at::Tensor, at::Tensor> NewPairedInputsWithRoom(
+      const Linear& first, const Linear& second, int64_t tokens, const at::TensorOptions& options);
+  // The `columns` shrink columns beside an input from NewPairedInputsWithRoom.
+  static at::Tensor ShrinkColumnsBeside(const at::Tensor& x, int64_t columns);
 
   const ProjectionId& id() const { return id_; }
   const at::Tensor& weight() const { return weight_; }

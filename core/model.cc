@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <set>
+#include <tuple>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -285,9 +287,9 @@ at::Tensor Model::RmsNorm(const at::Tensor& x, const at::Tensor& weight, at::Ten
 }
 
 AddAndNorm Model::AddRmsNorm(const at::Tensor& h, const at::Tensor& residual,
-                             const at::Tensor& weight, at::Tensor out) const {
+                             const at::Tensor& weight, at::Tensor out, at::Tensor out_copy) const {
   return moelora::AddRmsNorm(h, residual, weight, config_.rms_norm_eps, norm_weighting(),
-                             std::move(out));
+                             std::move(out), std::move(out_copy));
 }
 
 const Linear& Model::projection(int64_t layer, ProjectionKind kind) const {
@@ -526,20 +528,30 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
     }
     const at::Tensor attention_out = proj(layer, ProjectionKind::kO, attended);  // maybe strided
 
-    // With their B in column room, gate and up share one input buffer with room for the shrink:
-    // the norm writes x there once, and each writes its shrink beside it in turn.
+    // With their B in column room, gate and up each read x with their weighted shrink beside it:
+    // the norm writes x into both inputs in its one pass, and both shrinks are written together
+    // (one kernel in a decode step), so each GEMM then reads [x | s] as it lies.
     const Linear& gate = layer.projections[static_cast<int>(ProjectionKind::kGate)];
     const Linear& up = layer.projections[static_cast<int>(ProjectionKind::kUp)];
-    const bool shared_input = !h.requires_grad() && !attention_out.requires_grad() &&
-                              gate.ColumnsInRoom(delta).has_value() &&
-                              up.ColumnsInRoom(delta).has_value();
+    const std::optional<int64_t> columns = gate.ColumnsInRoom(delta);
+    const bool paired = !h.requires_grad() && !attention_out.requires_grad() &&
+                        columns.has_value() && up.ColumnsInRoom(delta) == columns;
+    at::Tensor gate_input, up_input;
+    if (paired) {
+      std::tie(gate_input, up_input) =
+          Linear::NewPairedInputsWithRoom(gate, up, num_tokens, h.options());
+    }
     AddAndNorm added =
-        AddRmsNorm(h, attention_out, layer.post_attention_norm,
-                   shared_input ? gate.NewInputWithRoom(num_tokens, h.options()) : at::Tensor());
+        AddRmsNorm(h, attention_out, layer.post_attention_norm, gate_input, up_input);
     h = std::move(added.sum);
     x = std::move(added.normed);
-    const at::Tensor gated = GatedActivation(gate.Forward(x, delta, shared_input),
-                                             up.Forward(x, delta, shared_input), c.activation);
+    if (paired) {
+      delta->ScaledShrinkPairInto(gate.id(), up.id(), x, Linear::ShrinkColumnsBeside(x, *columns),
+                                  Linear::ShrinkColumnsBeside(up_input, *columns));
+    }
+    const at::Tensor gated =
+        GatedActivation(gate.Forward(x, delta, paired),
+                        up.Forward(paired ? up_input : x, delta, paired), c.activation);
     const bool last = l + 1 == c.num_hidden_layers;
     added = AddRmsNorm(h, proj(layer, ProjectionKind::kDown, gated),
                        last ? final_norm_ : layers_[l + 1].input_norm);

@@ -180,9 +180,10 @@ class Model {
   at::Tensor EmbedTensor(const at::Tensor& ids) const;
   // Into `out` when given (a view of a wider buffer), else a new tensor.
   at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, at::Tensor out = {}) const;
-  // The residual add h + residual and the norm after it, in one pass where a kernel applies.
+  // The residual add h + residual and the norm after it, in one pass where a kernel applies (the
+  // norm also into out_copy when given).
   AddAndNorm AddRmsNorm(const at::Tensor& h, const at::Tensor& residual, const at::Tensor& weight,
-                        at::Tensor out = {}) const;
+                        at::Tensor out = {}, at::Tensor out_copy = {}) const;
   NormWeighting norm_weighting() const;
   at::Tensor RopeInverseFrequencies() const;
 

@@ -23,10 +23,16 @@ namespace {
 #ifdef MOELORA_HAVE_CUDA_KERNELS
 bool ColumnsContiguous(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; }
 
-// The kernel's norm of x (+ residual, written to `sum`, when residual is defined), or undefined
-// (nothing done) where it does not apply.
+bool SameLayoutAs(const at::Tensor& t, const at::Tensor& x) {
+  return t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() && t.device() == x.device() &&
+         ColumnsContiguous(t);
+}
+
+// The kernel's norm of x (+ residual, written to `sum`, when residual is defined; also into
+// out_copy when defined), or undefined (nothing done) where it does not apply.
 at::Tensor KernelRmsNorm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-                         double eps, NormWeighting weighting, at::Tensor out, at::Tensor* sum) {
+                         double eps, NormWeighting weighting, at::Tensor out,
+                         const at::Tensor& out_copy, at::Tensor* sum) {
   const std::optional<kernels::ElementType> type = KernelElementType(x.scalar_type());
   const std::optional<kernels::ElementType> weight_type = KernelElementType(weight.scalar_type());
   if (!type.has_value() || !weight_type.has_value() || !x.is_cuda() || x.dim() != 2 ||
@@ -36,16 +42,12 @@ at::Tensor KernelRmsNorm(const at::Tensor& x, const at::Tensor& residual, const 
     return at::Tensor();
   }
   if (residual.defined() &&
-      (residual.sizes() != x.sizes() || residual.scalar_type() != x.scalar_type() ||
-       residual.device() != x.device() || !ColumnsContiguous(residual) ||
-       (at::GradMode::is_enabled() && residual.requires_grad()))) {
+      (!SameLayoutAs(residual, x) || (at::GradMode::is_enabled() && residual.requires_grad()))) {
     return at::Tensor();
   }
+  if (out_copy.defined() && !SameLayoutAs(out_copy, x)) return at::Tensor();
   if (out.defined()) {
-    if (out.sizes() != x.sizes() || out.scalar_type() != x.scalar_type() ||
-        out.device() != x.device() || !ColumnsContiguous(out)) {
-      return at::Tensor();
-    }
+    if (!SameLayoutAs(out, x)) return at::Tensor();
   } else {
     out = at::empty(x.sizes(), x.options());
   }
@@ -68,6 +70,10 @@ at::Tensor KernelRmsNorm(const at::Tensor& x, const at::Tensor& residual, const 
   args.round_before_weight = weighting == NormWeighting::kRoundThenWeight;
   args.out = out.data_ptr();
   args.out_stride = out.stride(0);
+  if (out_copy.defined()) {
+    args.out_copy = out_copy.data_ptr();
+    args.out_copy_stride = out_copy.stride(0);
+  }
   const cudaError_t error =
       kernels::LaunchRmsNorm(args, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
   TORCH_CHECK(error == cudaSuccess, "RMSNorm kernel: ", cudaGetErrorString(error));
@@ -80,7 +86,8 @@ at::Tensor KernelRmsNorm(const at::Tensor& x, const at::Tensor& residual, const 
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
                    NormWeighting weighting, at::Tensor out) {
 #ifdef MOELORA_HAVE_CUDA_KERNELS
-  if (at::Tensor normed = KernelRmsNorm(x, at::Tensor(), weight, eps, weighting, out, nullptr);
+  if (at::Tensor normed =
+          KernelRmsNorm(x, at::Tensor(), weight, eps, weighting, out, at::Tensor(), nullptr);
       normed.defined()) {
     return normed;
   }
@@ -96,16 +103,17 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
 }
 
 AddAndNorm AddRmsNorm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-                      double eps, NormWeighting weighting, at::Tensor out) {
+                      double eps, NormWeighting weighting, at::Tensor out, at::Tensor out_copy) {
 #ifdef MOELORA_HAVE_CUDA_KERNELS
   at::Tensor sum;
-  if (at::Tensor normed = KernelRmsNorm(x, residual, weight, eps, weighting, out, &sum);
+  if (at::Tensor normed = KernelRmsNorm(x, residual, weight, eps, weighting, out, out_copy, &sum);
       normed.defined()) {
     return {std::move(sum), std::move(normed)};
   }
 #endif
   at::Tensor added = Add(x, residual);
   at::Tensor normed = RmsNorm(added, weight, eps, weighting, std::move(out));
+  if (out_copy.defined()) out_copy.copy_(normed);
   return {std::move(added), std::move(normed)};
 }
 

@@ -21,14 +21,16 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps,
                    NormWeighting weighting, at::Tensor out = at::Tensor());
 
 // A decoder's residual add and the norm after it: sum = x + residual (a new contiguous tensor,
-// rounded once as Add rounds) and normed = RmsNorm(sum, ...) (into `out` when defined). One
-// kernel where RmsNorm's applies; residual may be row-strided.
+// rounded once as Add rounds) and normed = RmsNorm(sum, ...) (into `out` when defined, and also
+// into `out_copy` when that is defined: both [tokens, hidden], any row stride). One kernel where
+// RmsNorm's applies; residual may be row-strided.
 struct AddAndNorm {
   at::Tensor sum;
   at::Tensor normed;
 };
 AddAndNorm AddRmsNorm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-                      double eps, NormWeighting weighting, at::Tensor out = at::Tensor());
+                      double eps, NormWeighting weighting, at::Tensor out = at::Tensor(),
+                      at::Tensor out_copy = at::Tensor());
 
 }  // namespace moelora
 

@@ -34,6 +34,9 @@ __global__ void __launch_bounds__(kThreads) RmsNormKernel(RmsNormArgs args) {
                           static_cast<int64_t>(blockIdx.x) * args.residual_stride;
   T* sum_row = static_cast<T*>(args.sum) + static_cast<int64_t>(blockIdx.x) * args.sum_stride;
   T* out_row = static_cast<T*>(args.out) + static_cast<int64_t>(blockIdx.x) * args.out_stride;
+  T* copy_row =
+      static_cast<T*>(args.out_copy) + static_cast<int64_t>(blockIdx.x) * args.out_copy_stride;
+  const bool has_copy = args.out_copy != nullptr;
   const W* weight = static_cast<const W*>(args.weight);
   const bool has_residual = args.residual != nullptr;
   float squares = 0.0f;
@@ -62,6 +65,7 @@ __global__ void __launch_bounds__(kThreads) RmsNormKernel(RmsNormArgs args) {
       result.values[v] = FromFloat<T>(normed * ToFloat(weight[c + v]));
     }
     *reinterpret_cast<P*>(out_row + c) = result;
+    if (has_copy) *reinterpret_cast<P*>(copy_row + c) = result;
   }
 }
 
@@ -81,6 +85,7 @@ cudaError_t LaunchTyped(const RmsNormArgs& args, cudaStream_t stream) {
   const bool vectorised =
       args.cols % kVec == 0 && Aligned(args.x, args.x_stride, kVec, sizeof(T)) &&
       Aligned(args.out, args.out_stride, kVec, sizeof(T)) &&
+      (args.out_copy == nullptr || Aligned(args.out_copy, args.out_copy_stride, kVec, sizeof(T))) &&
       (args.residual == nullptr || (Aligned(args.residual, args.residual_stride, kVec, sizeof(T)) &&
                                     Aligned(args.sum, args.sum_stride, kVec, sizeof(T))));
   return vectorised ? LaunchWith<T, W, kVec>(args, stream) : LaunchWith<T, W, 1>(args, stream);

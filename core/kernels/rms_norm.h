@@ -36,6 +36,10 @@ struct RmsNormArgs {
   bool round_before_weight = true;
   void* out = nullptr;
   int64_t out_stride = 0;
+  // Optional: the result written a second time, e.g. into the inputs of two projections that
+  // each need room beside their own copy (gate and up). May not overlap the others.
+  void* out_copy = nullptr;
+  int64_t out_copy_stride = 0;
 };
 
 // out[r][c] = x[r][c] / sqrt(mean_c(x[r]²) + eps) * weight[c], in fp32, rounded as above (x

@@ -69,7 +69,7 @@ TEST(RmsNormTest, MatchesTheDefinitionForBothWeightings) {
 
 // The residual add and the norm after it: the sum exactly as Add rounds it, and the norm of that
 // rounded sum exactly as RmsNorm computes it, for a strided residual (o's output beside its
-// shrink) and a strided output (gate/up's shared input).
+// shrink) and a strided output written twice (gate's and up's inputs, each with room beside it).
 TEST(RmsNormTest, AddRmsNormEqualsAddThenNorm) {
   at::manual_seed(23);
   for (const c10::Device device : Devices()) {
@@ -83,16 +83,21 @@ TEST(RmsNormTest, AddRmsNormEqualsAddThenNorm) {
           const at::Tensor residual = at::randn({6, hidden + 8}, options).narrow(1, 0, hidden);
           const at::Tensor weight = NormWeight(weighting, hidden, options);
           const std::string what = Label(device, dtype, hidden);
-          const at::Tensor buffer = at::full({6, hidden + 16}, 7.0, options);
+          const int64_t width = hidden + 16;
+          const at::Tensor buffer = at::full({6, 2 * width}, 7.0, options);
           const at::Tensor out = buffer.narrow(1, 0, hidden);
+          const at::Tensor copy = buffer.narrow(1, width, hidden);
 
-          const AddAndNorm added = AddRmsNorm(h, residual, weight, 1e-6, weighting, out);
+          const AddAndNorm added = AddRmsNorm(h, residual, weight, 1e-6, weighting, out, copy);
           const at::Tensor sum = h + residual;
           EXPECT_TRUE(added.sum.is_contiguous()) << what;
           EXPECT_TRUE(at::equal(added.sum.cpu(), sum.cpu())) << what;
           EXPECT_EQ(added.normed.data_ptr(), out.data_ptr()) << what;
-          EXPECT_TRUE(at::equal(out.cpu(), RmsNorm(sum, weight, 1e-6, weighting).cpu())) << what;
+          const at::Tensor normed = RmsNorm(sum, weight, 1e-6, weighting).cpu();
+          EXPECT_TRUE(at::equal(out.cpu(), normed)) << what;
+          EXPECT_TRUE(at::equal(copy.cpu(), normed)) << what;
           EXPECT_TRUE(buffer.narrow(1, hidden, 16).eq(7.0).all().item<bool>()) << what;
+          EXPECT_TRUE(buffer.narrow(1, width + hidden, 16).eq(7.0).all().item<bool>()) << what;
         }
       }
     }
