@@ -38,6 +38,9 @@ bool TryKernel(const at::Tensor& x, const at::Tensor& weights, absl::Span<const 
   args.in = x.size(1);
   args.x = {x.data_ptr(), x.stride(0)};
   args.weights = {weights.data_ptr(), weights.stride(0)};
+  int64_t rows = 0;
+  for (const ShrinkPart& part : parts) rows += part.a.size(0);
+  if (rows > kernels::kWeightedShrinkMaxRows) return false;
   for (const ShrinkPart& part : parts) {
     for (const at::Tensor* t : {&weights, &part.a, &part.out}) {
       if (!t->is_cuda() || t->device() != x.device() || t->scalar_type() != x.scalar_type() ||

@@ -147,6 +147,7 @@ cudaError_t LaunchWeightedShrink(const WeightedShrinkArgs& args, cudaStream_t st
   }
   int64_t rows = 0;
   for (int i = 0; i < args.count; ++i) rows += args.targets[i].rows;
+  if (rows > kWeightedShrinkMaxRows) return cudaErrorInvalidValue;
   if (args.tokens <= 0 || rows <= 0 || args.in <= 0) return cudaSuccess;
   return WithElementType(args.type, [&](auto element) {
     using T = decltype(element);
