@@ -119,5 +119,57 @@ TEST(LinearGroupTest, RoomIsSlotMajorAcrossMembers) {
   }
 }
 
+// A delta that keeps `columns` columns of a projection's column room and writes a shrink of its
+// own making (x's first columns times the projection's kind + 1) beside the input.
+class ColumnDelta : public LinearDelta {
+ public:
+  explicit ColumnDelta(int64_t columns) : columns_(columns) {}
+  at::Tensor Apply(const ProjectionId& /*id*/, const at::Tensor& /*x*/,
+                   at::Tensor base_output) const override {
+    return base_output;
+  }
+  std::optional<int64_t> ExpandColumnsInRoom(const ProjectionId& /*id*/) const override {
+    return columns_;
+  }
+  void ScaledShrinkInto(const ProjectionId& id, const at::Tensor& x,
+                        at::Tensor out) const override {
+    out.copy_(x.narrow(1, 0, columns_) * (static_cast<int>(id.kind) + 1));
+  }
+
+ private:
+  int64_t columns_;
+};
+
+// Gate and up on the paired inputs (x written twice by its producer, both shrinks written before
+// either GEMM) give what each gives on its own, which copies x into a buffer of its own.
+TEST(LinearTest, PairedInputsGiveWhatEachProjectionGivesAlone) {
+  at::manual_seed(5);
+  constexpr int64_t kOut = 10, kTokens = 3, kColumns = 4;
+  const AdapterRoom room{.slots = 2, .rank = 3};
+  Linear gate({1, ProjectionKind::kGate}, at::randn({kOut, kIn}), at::Tensor(), room,
+              RoomLayout::kColumns);
+  Linear up({1, ProjectionKind::kUp}, at::randn({kOut, kIn}), at::Tensor(), room,
+            RoomLayout::kColumns);
+  // B in the room's first kColumns columns (attach's job).
+  for (const Linear* linear : {&gate, &up}) {
+    linear->room().copy_(at::randn(linear->room().sizes()));
+  }
+  const ColumnDelta delta(kColumns);
+  const at::Tensor x = at::randn({kTokens, kIn});
+  const at::Tensor gate_alone = gate.Forward(x, &delta);
+  const at::Tensor up_alone = up.Forward(x, &delta);
+
+  auto [gate_input, up_input] = Linear::NewPairedInputsWithRoom(gate, up, kTokens, x.options());
+  ASSERT_EQ(gate_input.sizes(), x.sizes());
+  gate_input.copy_(x);
+  up_input.copy_(x);
+  delta.ScaledShrinkPairInto(gate.id(), up.id(), gate_input,
+                             Linear::ShrinkColumnsBeside(gate_input, kColumns),
+                             Linear::ShrinkColumnsBeside(up_input, kColumns));
+  EXPECT_TRUE(at::allclose(gate.Forward(gate_input, &delta, /*shrunk_beside=*/true), gate_alone));
+  EXPECT_TRUE(at::allclose(up.Forward(up_input, &delta, /*shrunk_beside=*/true), up_alone));
+  EXPECT_TRUE(at::equal(up_input, x));  // gate's shrink did not run into up's copy of x
+}
+
 }  // namespace
 }  // namespace moelora
