@@ -1,9 +1,11 @@
-// The torch side of our CUDA kernels' element types: which ATen dtype each kernel type is.
-// Included by the kernels' wrappers (core/strided_ops.cc, core/rms_norm.cc, ...) in CUDA builds.
+// The torch side of our CUDA kernels' operands: which ATen dtype each kernel type is, and which
+// matrices the kernels can read. Included by the kernels' wrappers (core/strided_ops.cc,
+// core/rms_norm.cc, ...) in CUDA builds.
 
 #ifndef MOELORA_CORE_KERNEL_ELEMENT_TYPE_H_
 #define MOELORA_CORE_KERNEL_ELEMENT_TYPE_H_
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 
 #include <optional>
@@ -25,6 +27,9 @@ inline std::optional<kernels::ElementType> KernelElementType(at::ScalarType dtyp
       return std::nullopt;
   }
 }
+
+// A 2-D view's columns are contiguous (any row stride): how our kernels take their matrices.
+inline bool ColumnsContiguous(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; }
 
 }  // namespace moelora
 

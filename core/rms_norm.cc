@@ -21,8 +21,6 @@ namespace moelora {
 namespace {
 
 #ifdef MOELORA_HAVE_CUDA_KERNELS
-bool ColumnsContiguous(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; }
-
 bool SameLayoutAs(const at::Tensor& t, const at::Tensor& x) {
   return t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() && t.device() == x.device() &&
          ColumnsContiguous(t);

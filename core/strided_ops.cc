@@ -24,7 +24,7 @@ bool TryRowStrided(kernels::BinaryOp op, const at::Tensor& out, const at::Tensor
   if (!type.has_value() || !a.is_cuda() || a.dim() != 2) return false;
   for (const at::Tensor* t : {&out, &a, &b}) {
     if (!t->is_cuda() || t->device() != a.device() || t->scalar_type() != a.scalar_type() ||
-        t->sizes() != a.sizes() || (t->size(1) > 1 && t->stride(1) != 1) || t->requires_grad()) {
+        t->sizes() != a.sizes() || !ColumnsContiguous(*t) || t->requires_grad()) {
       return false;
     }
   }

@@ -18,18 +18,20 @@ namespace moelora {
 namespace {
 
 #ifdef MOELORA_HAVE_CUDA_KERNELS
-bool RowsContiguous(const at::Tensor& t) {
-  return t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1);
+// t is a matrix the kernel can take beside x: 2-D, contiguous columns, x's device and dtype,
+// nothing autograd records.
+bool KernelMatrix(const at::Tensor& t, const at::Tensor& x) {
+  return t.dim() == 2 && ColumnsContiguous(t) && t.is_cuda() && t.device() == x.device() &&
+         t.scalar_type() == x.scalar_type() && !t.requires_grad();
 }
 
 // Runs every part through our kernel when it takes them: few tokens of one supported dtype on one
 // CUDA device, matrices with contiguous rows, no autograd. Returns false (nothing done) otherwise.
 bool TryKernel(const at::Tensor& x, const at::Tensor& weights, absl::Span<const ShrinkPart> parts) {
   const std::optional<kernels::ElementType> type = KernelElementType(x.scalar_type());
-  if (!type.has_value() || !x.is_cuda() || !RowsContiguous(x) ||
-      x.size(0) > kernels::kWeightedShrinkMaxTokens ||
-      parts.size() > static_cast<size_t>(kernels::kMaxShrinkTargets) || x.requires_grad() ||
-      weights.requires_grad()) {
+  if (!type.has_value() || !KernelMatrix(x, x) || !KernelMatrix(weights, x) ||
+      x.size(0) > kernels::kWeightedShrinkMaxTokens || weights.size(0) != x.size(0) ||
+      parts.size() > static_cast<size_t>(kernels::kMaxShrinkTargets)) {
     return false;
   }
   kernels::WeightedShrinkArgs args;
@@ -42,14 +44,8 @@ bool TryKernel(const at::Tensor& x, const at::Tensor& weights, absl::Span<const 
   for (const ShrinkPart& part : parts) rows += part.a.size(0);
   if (rows > kernels::kWeightedShrinkMaxRows) return false;
   for (const ShrinkPart& part : parts) {
-    for (const at::Tensor* t : {&weights, &part.a, &part.out}) {
-      if (!t->is_cuda() || t->device() != x.device() || t->scalar_type() != x.scalar_type() ||
-          !RowsContiguous(*t) || t->requires_grad()) {
-        return false;
-      }
-    }
-    if (part.a.size(1) != args.in || part.out.size(0) != args.tokens ||
-        part.out.size(1) != part.a.size(0) || weights.size(0) != args.tokens ||
+    if (!KernelMatrix(part.a, x) || !KernelMatrix(part.out, x) || part.a.size(1) != args.in ||
+        part.out.size(0) != args.tokens || part.out.size(1) != part.a.size(0) ||
         weights.size(1) < part.a.size(0)) {
       return false;
     }

@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
+
 #include "core/kernels/element_type.h"
 
 namespace moelora::kernels {
@@ -44,6 +46,12 @@ cudaError_t WithElementType(ElementType type, F&& f) {
       return f(__half{});
   }
   return cudaErrorInvalidValue;
+}
+
+// Whether a matrix at `data` with rows `row_stride` elements apart can be read in packs of `vec`
+// elements of `element_bytes` each (the 16-byte accesses of the vectorised kernels).
+inline bool Aligned(const void* data, int64_t row_stride, int64_t vec, int64_t element_bytes) {
+  return reinterpret_cast<uintptr_t>(data) % (vec * element_bytes) == 0 && row_stride % vec == 0;
 }
 
 // kVec consecutive elements, loaded and stored in one access.

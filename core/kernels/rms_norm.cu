@@ -75,10 +75,6 @@ cudaError_t LaunchWith(const RmsNormArgs& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-bool Aligned(const void* data, int64_t stride, int64_t vec, int64_t element_bytes) {
-  return reinterpret_cast<uintptr_t>(data) % (vec * element_bytes) == 0 && stride % vec == 0;
-}
-
 template <typename T, typename W>
 cudaError_t LaunchTyped(const RmsNormArgs& args, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);

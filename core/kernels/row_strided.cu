@@ -64,11 +64,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-bool Aligned(const RowStridedOperand& operand, int64_t vec, int64_t element_bytes) {
-  return reinterpret_cast<uintptr_t>(operand.data) % (vec * element_bytes) == 0 &&
-         operand.row_stride % vec == 0;
-}
-
 template <typename T, int kVec, BinaryOp kOp>
 cudaError_t Launch(int64_t rows, int64_t cols, RowStridedOperand out, RowStridedOperand a,
                    RowStridedOperand b, cudaStream_t stream) {
@@ -87,8 +82,9 @@ template <typename T, BinaryOp kOp>
 cudaError_t LaunchWidest(int64_t rows, int64_t cols, RowStridedOperand out, RowStridedOperand a,
                          RowStridedOperand b, cudaStream_t stream) {
   constexpr int kVec = kAccessBytes / sizeof(T);
-  const bool vectorised = cols % kVec == 0 && Aligned(out, kVec, sizeof(T)) &&
-                          Aligned(a, kVec, sizeof(T)) && Aligned(b, kVec, sizeof(T));
+  const bool vectorised = cols % kVec == 0 && Aligned(out.data, out.row_stride, kVec, sizeof(T)) &&
+                          Aligned(a.data, a.row_stride, kVec, sizeof(T)) &&
+                          Aligned(b.data, b.row_stride, kVec, sizeof(T));
   return vectorised ? Launch<T, kVec, kOp>(rows, cols, out, a, b, stream)
                     : Launch<T, 1, kOp>(rows, cols, out, a, b, stream);
 }

@@ -127,10 +127,6 @@ __global__ void __launch_bounds__(kThreads) WeightedShrinkKernel(WeightedShrinkA
   }
 }
 
-bool Aligned(const void* data, int64_t row_stride, int64_t vec, int64_t element_bytes) {
-  return reinterpret_cast<uintptr_t>(data) % (vec * element_bytes) == 0 && row_stride % vec == 0;
-}
-
 template <typename T, int kVec>
 cudaError_t LaunchWith(const WeightedShrinkArgs& args, int64_t rows, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((rows + kWarps - 1) / kWarps),
