@@ -12,7 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/device_memory.h"
 #include "core/status_macros.h"
-#include "core/strided_ops.h"
+#include "core/weighted_expand.h"
 #include "core/weighted_shrink.h"
 
 namespace moelora {
@@ -97,6 +97,9 @@ absl::StatusOr<std::unique_ptr<ExpertPool>> ExpertPool::Create(const Model& mode
         const int64_t members = static_cast<int64_t>(qkv.members().size());
         GroupStack& group = pool->group_stacks_[ProjectionIndex(qkv.ids().front())];
         group.members = members;
+        for (const Linear& member : qkv.members()) {
+          group.member_columns.push_back(member.out_features());
+        }
         group.bt = at::zeros({capacity * members * max_rank, qkv.out_features()}, tensor_options);
         pool->group_members_ = members;
         pool->reserved_bytes_ += group.bt.numel() * group.bt.element_size();
@@ -398,8 +401,8 @@ at::Tensor MixtureDelta::ActiveA(const ProjectionId& id) const {
 at::Tensor MixtureDelta::ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
                                      at::Tensor base_output) const {
   const at::Tensor bt = FirstSlots(pool_.stacks_[ProjectionIndex(id)].bt, snapshot_->size());
-  MultiplyInPlace(shrink, row_weights_);
-  return base_output.addmm_(shrink, bt);
+  WeightedExpandAdd(base_output, shrink, row_weights_, bt);
+  return base_output;
 }
 
 std::optional<int64_t> MixtureDelta::GroupShrinkRowsInRoom(
@@ -417,8 +420,10 @@ std::optional<int64_t> MixtureDelta::GroupShrinkRowsInRoom(
 at::Tensor MixtureDelta::ApplyGroupShrunk(absl::Span<const ProjectionId> members, at::Tensor shrink,
                                           at::Tensor base_output) const {
   const ExpertPool::GroupStack& group = pool_.group_stacks_[ProjectionIndex(members.front())];
-  MultiplyInPlace(shrink, group_row_weights_);
-  return base_output.addmm_(shrink, group.bt.narrow(0, 0, shrink.size(-1)));
+  const BlockDiagonalRows blocks{group.member_columns, pool_.options_.max_rank};
+  WeightedExpandAdd(base_output, shrink, group_row_weights_, group.bt.narrow(0, 0, shrink.size(-1)),
+                    &blocks);
+  return base_output;
 }
 
 at::Tensor MixtureDelta::Apply(const ProjectionId& id, const at::Tensor& x,
@@ -440,10 +445,10 @@ at::Tensor MixtureDelta::Apply(const ProjectionId& id, const at::Tensor& x,
   if (row_weights_.requires_grad() || x.requires_grad()) {
     return at::addmm(base_output, shrink * row_weights_, bt);  // autograd-friendly
   }
-  // Inference: scale in place and let the expand GEMM accumulate into the base output, so the
-  // delta costs two GEMMs and one elementwise kernel, with no extra pass over [tokens, out].
-  MultiplyInPlace(shrink, row_weights_);
-  return base_output.addmm_(shrink, bt);
+  // Inference: the expand accumulates into the base output, with no extra pass over
+  // [tokens, out].
+  WeightedExpandAdd(base_output, shrink, row_weights_, bt);
+  return base_output;
 }
 
 }  // namespace moelora

@@ -148,6 +148,7 @@ class ExpertPool {
   // [capacity * members * max_rank, Σ out]; rows ordered like the group's room.
   struct GroupStack {
     int64_t members = 0;
+    std::vector<int64_t> member_columns;  // each member's out_features, in order
     at::Tensor bt;
   };
 

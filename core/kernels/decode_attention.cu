@@ -5,6 +5,7 @@
 
 #include "core/kernels/decode_attention.h"
 #include "core/kernels/element.cuh"
+#include "core/kernels/ptx.cuh"
 
 namespace moelora::kernels {
 namespace {
@@ -30,39 +31,6 @@ __host__ __device__ constexpr int WarpStagedElements(int dim) {
 template <typename T>
 constexpr size_t SharedBytes(int dim) {
   return sizeof(T) * kWarps * WarpStagedElements(dim);
-}
-
-__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes from global to shared memory without registers; .cg skips L1 (each row is read once).
-__device__ __forceinline__ void CopyAsync(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void CommitCopies() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-// Waits until at most kPending of this thread's latest copy groups are in flight.
-template <int kPending>
-__device__ __forceinline__ void WaitCopies() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
-
-// Four 8x8 matrices of 16-bit elements; lane 8j + r gives the address of row r of matrix j.
-// Lane 4g + q receives elements (g, 2q) and (g, 2q + 1) of each, or with kTrans (2q, g) and
-// (2q + 1, g).
-template <bool kTrans>
-__device__ __forceinline__ void LoadMatrices(uint32_t (&r)[4], uint32_t address) {
-  if constexpr (kTrans) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(address));
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(address));
-  }
 }
 
 // d += A·B, m16n8k16, A's rows 8-15 zero (only a0 and a2 given).

@@ -18,12 +18,6 @@
 
 namespace moelora::kernels {
 
-// A matrix with contiguous rows, each `row_stride` elements after the one before.
-struct RowMajor {
-  const void* data = nullptr;
-  int64_t row_stride = 0;
-};
-
 // One projection's part: its shrink matrix a [rows, in] and where its [tokens, rows] result goes.
 struct ShrinkTarget {
   RowMajor a;
