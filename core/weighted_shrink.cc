@@ -25,12 +25,12 @@ bool KernelMatrix(const at::Tensor& t, const at::Tensor& x) {
          t.scalar_type() == x.scalar_type() && !t.requires_grad();
 }
 
-// Runs every part through our kernel when it takes them: few tokens of one supported dtype on one
-// CUDA device, matrices with contiguous rows, no autograd. Returns false (nothing done) otherwise.
+// Runs every part through our kernel when it takes them: few tokens of bf16 or fp16 on one CUDA
+// device, matrices with contiguous rows, no autograd. Returns false (nothing done) otherwise.
 bool TryKernel(const at::Tensor& x, const at::Tensor& weights, absl::Span<const ShrinkPart> parts) {
   const std::optional<kernels::ElementType> type = KernelElementType(x.scalar_type());
   if (!type.has_value() || !KernelMatrix(x, x) || !KernelMatrix(weights, x) ||
-      x.size(0) > kernels::kWeightedShrinkMaxTokens || weights.size(0) != x.size(0) ||
+      weights.size(0) != x.size(0) ||
       parts.size() > static_cast<size_t>(kernels::kMaxShrinkTargets)) {
     return false;
   }
@@ -40,9 +40,6 @@ bool TryKernel(const at::Tensor& x, const at::Tensor& weights, absl::Span<const 
   args.in = x.size(1);
   args.x = {x.data_ptr(), x.stride(0)};
   args.weights = {weights.data_ptr(), weights.stride(0)};
-  int64_t rows = 0;
-  for (const ShrinkPart& part : parts) rows += part.a.size(0);
-  if (rows > kernels::kWeightedShrinkMaxRows) return false;
   for (const ShrinkPart& part : parts) {
     if (!KernelMatrix(part.a, x) || !KernelMatrix(part.out, x) || part.a.size(1) != args.in ||
         part.out.size(0) != args.tokens || part.out.size(1) != part.a.size(0) ||
@@ -54,6 +51,7 @@ bool TryKernel(const at::Tensor& x, const at::Tensor& weights, absl::Span<const 
                                   part.out.data_ptr(),
                                   part.out.stride(0)};
   }
+  if (!kernels::WeightedShrinkTakes(args)) return false;
   const cudaError_t error = kernels::LaunchWeightedShrink(
       args, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
   TORCH_CHECK(error == cudaSuccess, "weighted shrink kernel: ", cudaGetErrorString(error));

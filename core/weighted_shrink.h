@@ -1,9 +1,9 @@
 // The first half of a LoRA mixture's delta for projections that read the same input:
 // out_i = (x·a_iᵀ) ⊙ weights, with the weights being the routing weights over rank rows. For a
-// decode step's few tokens and rows (up to 16 experts of rank 16 for a pair) on CUDA (a CUDA
-// build) every part is one kernel together (core/kernels/weighted_shrink.h), the multiply folded
-// in; elsewhere (prefill, more rows, the CPU, a CPU-only libtorch) each part is a GEMM and
-// MultiplyInPlace, with the same roundings.
+// decode step's few tokens and rows (up to 16 experts of rank 16 for a pair) in bf16 or fp16 on
+// CUDA (a CUDA build) every part is one kernel together (core/kernels/weighted_shrink.h), the
+// multiply folded in; elsewhere (prefill, more rows, fp32, the CPU, a CPU-only libtorch) each part
+// is a GEMM and MultiplyInPlace, with the same roundings.
 
 #ifndef MOELORA_CORE_WEIGHTED_SHRINK_H_
 #define MOELORA_CORE_WEIGHTED_SHRINK_H_

@@ -18,12 +18,13 @@ struct Shape {
   int64_t tokens, rows, in;
 };
 
-// Decode sizes (one token, a part-filled block of 8 tokens, batch 32 and 64, the kernel's most
-// rows), past the kernel's 64 tokens or 512 rows (the GEMM path), rows not a multiple of a
-// block's 8 warps, and widths the 16-byte loads cannot take (odd, or past one staged chunk and
-// not a multiple of it).
-const Shape kShapes[] = {{1, 128, 2048},  {7, 16, 36},  {32, 128, 2048}, {64, 256, 2048},
-                         {64, 300, 2048}, {33, 21, 63}, {100, 64, 512},  {3, 40, 4100}};
+// Decode sizes (one token, a part-filled token tile, batch 32 and 64, the kernel's most rows),
+// past the kernel's 64 tokens or 512 rows (the GEMM path), rows that part-fill a 16-row tile,
+// widths that split unevenly over a cluster or leave half a 16-wide step, widths past one staged
+// chunk (8192), and a width the 16-byte loads cannot take (the GEMM path).
+const Shape kShapes[] = {{1, 128, 2048},  {7, 16, 40},     {32, 128, 2048},
+                         {64, 256, 2048}, {64, 300, 2048}, {33, 21, 2056},
+                         {100, 64, 512},  {3, 40, 8200},   {5, 24, 63}};
 
 void ExpectClose(const at::Tensor& got, const at::Tensor& expected, const std::string& what) {
   // The product is rounded from the same rounded shrink on both sides, but the shrink's fp32 sums
