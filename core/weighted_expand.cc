@@ -18,13 +18,6 @@ namespace moelora {
 namespace {
 
 #ifdef MOELORA_HAVE_CUDA_KERNELS
-// t is a matrix the kernel can take beside out: 2-D, contiguous columns, out's device and dtype,
-// nothing autograd records.
-bool KernelMatrix(const at::Tensor& t, const at::Tensor& out) {
-  return t.dim() == 2 && ColumnsContiguous(t) && t.is_cuda() && t.device() == out.device() &&
-         t.scalar_type() == out.scalar_type() && !t.requires_grad();
-}
-
 kernels::RowMajor Operand(const at::Tensor& t) { return {t.data_ptr(), t.stride(0)}; }
 
 // Runs the expand through our kernel when it takes it: few tokens of bf16 or fp16 on one CUDA

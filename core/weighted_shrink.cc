@@ -18,13 +18,6 @@ namespace moelora {
 namespace {
 
 #ifdef MOELORA_HAVE_CUDA_KERNELS
-// t is a matrix the kernel can take beside x: 2-D, contiguous columns, x's device and dtype,
-// nothing autograd records.
-bool KernelMatrix(const at::Tensor& t, const at::Tensor& x) {
-  return t.dim() == 2 && ColumnsContiguous(t) && t.is_cuda() && t.device() == x.device() &&
-         t.scalar_type() == x.scalar_type() && !t.requires_grad();
-}
-
 // Runs every part through our kernel when it takes them: few tokens of bf16 or fp16 on one CUDA
 // device, matrices with contiguous rows, no autograd. Returns false (nothing done) otherwise.
 bool TryKernel(const at::Tensor& x, const at::Tensor& weights, absl::Span<const ShrinkPart> parts) {
