@@ -8,11 +8,13 @@
 #include <vector>
 
 #include "tests/testing/devices.h"
+#include "tests/testing/tensor_close.h"
 
 namespace moelora {
 namespace {
 
 using testing_support::Devices;
+using testing_support::ExpectWithinRounding;
 
 struct Shape {
   int64_t tokens, rows, columns;
@@ -32,16 +34,6 @@ at::Tensor Expected(const at::Tensor& out, const at::Tensor& shrink, const at::T
   const at::Tensor scaled =
       (shrink.to(at::kFloat) * weights.narrow(1, 0, shrink.size(1)).to(at::kFloat)).to(dtype);
   return (out.to(at::kFloat) + at::mm(scaled.to(at::kFloat), bt.to(at::kFloat))).to(dtype);
-}
-
-void ExpectClose(const at::Tensor& got, const at::Tensor& expected, const std::string& what) {
-  // Both sides round the same fp32 sum, added up in different orders: at most a rounding step
-  // apart.
-  const double tolerance = got.scalar_type() == at::kFloat ? 1e-4 : 2e-2;
-  const at::Tensor difference = (got.cpu().to(at::kFloat) - expected.cpu().to(at::kFloat)).abs();
-  const at::Tensor bound = expected.cpu().to(at::kFloat).abs() * tolerance + tolerance;
-  EXPECT_TRUE(difference.le(bound).all().item<bool>())
-      << what << ": max difference " << difference.max().item<float>();
 }
 
 std::string Describe(const c10::Device& device, at::ScalarType dtype, const Shape& shape) {
@@ -73,7 +65,7 @@ TEST(WeightedExpandTest, MatchesMultiplyThenGemmAndWritesOnlyTheOutput) {
 
         WeightedExpandAdd(out, shrink, weights, bt);
         const std::string what = Describe(device, dtype, shape);
-        ExpectClose(out, expected, what);
+        ExpectWithinRounding(out, expected, what);
         EXPECT_TRUE(at::equal(buffer.narrow(1, columns + rows, 8).cpu(), tail_before)) << what;
       }
     }
@@ -120,8 +112,9 @@ TEST(WeightedExpandTest, BlockDiagonalMatchesTheDenseProduct) {
 
         const BlockDiagonalRows blocks{group.member_columns, group.rank};
         WeightedExpandAdd(out, shrink, weights, bt, &blocks);
-        ExpectClose(out, expected,
-                    Describe(device, dtype, {group.tokens, rows, columns}) + " block-diagonal");
+        ExpectWithinRounding(
+            out, expected,
+            Describe(device, dtype, {group.tokens, rows, columns}) + " block-diagonal");
       }
     }
   }

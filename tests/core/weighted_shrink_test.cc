@@ -8,11 +8,13 @@
 #include <vector>
 
 #include "tests/testing/devices.h"
+#include "tests/testing/tensor_close.h"
 
 namespace moelora {
 namespace {
 
 using testing_support::Devices;
+using testing_support::ExpectWithinRounding;
 
 struct Shape {
   int64_t tokens, rows, in;
@@ -25,16 +27,6 @@ struct Shape {
 const Shape kShapes[] = {{1, 128, 2048},  {7, 16, 40},     {32, 128, 2048},
                          {64, 256, 2048}, {64, 300, 2048}, {33, 21, 2056},
                          {100, 64, 512},  {3, 40, 8200},   {5, 24, 63}};
-
-void ExpectClose(const at::Tensor& got, const at::Tensor& expected, const std::string& what) {
-  // The product is rounded from the same rounded shrink on both sides, but the shrink's fp32 sums
-  // run in different orders, so it may land one rounding step apart.
-  const double tolerance = got.scalar_type() == at::kFloat ? 1e-4 : 2e-2;
-  const at::Tensor difference = (got.cpu().to(at::kFloat) - expected.cpu().to(at::kFloat)).abs();
-  const at::Tensor bound = expected.cpu().to(at::kFloat).abs() * tolerance + tolerance;
-  EXPECT_TRUE(difference.le(bound).all().item<bool>())
-      << what << ": max difference " << difference.max().item<float>();
-}
 
 // Two projections reading one x (gate and up), each writing beside its own copy of x in one
 // buffer, as the model lays them out; everything outside the outputs stays as it was.
@@ -76,7 +68,7 @@ TEST(WeightedShrinkTest, PairMatchesGemmThenMultiplyAndWritesOnlyItsColumns) {
                                  std::to_string(shape.tokens) + " rows " + std::to_string(rows) +
                                  " in " + std::to_string(in);
         for (size_t i = 0; i < parts.size(); ++i) {
-          ExpectClose(parts[i].out, expected[i], what + " part " + std::to_string(i));
+          ExpectWithinRounding(parts[i].out, expected[i], what + " part " + std::to_string(i));
         }
         EXPECT_TRUE(at::equal(outside_outputs(), before)) << what;
       }
@@ -97,7 +89,7 @@ TEST(WeightedShrinkTest, OnePartMatchesGemmThenMultiply) {
             .to(at::kBFloat16);
 
     WeightedShrinkInto(x, weights, {part});
-    ExpectClose(part.out, expected, ::testing::PrintToString(device));
+    ExpectWithinRounding(part.out, expected, ::testing::PrintToString(device));
   }
 }
 
