@@ -18,8 +18,9 @@ struct DecodeGraphs::Graph {
   at::Tensor host_inputs;    // [3, batch] long, CPU: ids, slots, positions
   at::Tensor device_inputs;  // [3, batch] long, on the model's device
   at::Tensor weights;        // [batch, experts] fp32 on the device; undefined for the base model
-  DecodeStepInputs inputs;   // views of device_inputs
-  at::Tensor logits;         // [batch, vocab], written by every replay
+  int64_t experts_per_token = 0;         // MixtureDelta's: 0 (dense) or the sparse path's k
+  DecodeStepInputs inputs;               // views of device_inputs
+  at::Tensor logits;                     // [batch, vocab], written by every replay
   std::unique_ptr<CapturedGraph> graph;  // null: run eagerly (eager_fallback)
 };
 
@@ -76,13 +77,14 @@ DecodeGraphs::Graph* DecodeGraphs::Find(const Key& key) {
 }
 
 DecodeGraphs::Graph* DecodeGraphs::Add(const Key& key, int64_t experts) {
-  const auto [batch, context] = key;
+  const auto [batch, context, experts_per_token] = key;
   const c10::Device device = model_.options().device;
   auto graph = std::make_unique<Graph>();
   graph->host_inputs = at::zeros({3, batch}, at::kLong);
   graph->device_inputs = graph->host_inputs.to(device);
   graph->inputs = {graph->device_inputs[0], graph->device_inputs[1], graph->device_inputs[2],
                    context};
+  graph->experts_per_token = experts_per_token;
   if (experts > 0) {
     graph->weights =
         at::zeros({batch, experts}, at::TensorOptions().dtype(at::kFloat).device(device));
@@ -102,7 +104,9 @@ absl::Status DecodeGraphs::Capture(const Key& key, Graph& graph, KvCache& cache,
                                    const std::shared_ptr<const ExpertSnapshot>& snapshot) {
   auto body = [this, &graph, &cache, pool, &snapshot] {
     std::optional<MixtureDelta> delta;
-    if (snapshot != nullptr) delta.emplace(*pool, snapshot, graph.weights);
+    if (snapshot != nullptr) {
+      delta.emplace(*pool, snapshot, graph.weights, graph.experts_per_token);
+    }
     graph.logits = model_.DecodeStep(graph.inputs, cache, delta ? &*delta : nullptr);
   };
   // The capture's warm-up run is a real step over the inputs already in place: it writes this
@@ -123,7 +127,8 @@ absl::Status DecodeGraphs::Capture(const Key& key, Graph& graph, KvCache& cache,
 absl::StatusOr<ForwardOutput> DecodeGraphs::Run(const std::vector<SequenceInput>& batch,
                                                 KvCache& cache, const ExpertPool* pool,
                                                 std::shared_ptr<const ExpertSnapshot> snapshot,
-                                                const at::Tensor& weights) {
+                                                const at::Tensor& weights,
+                                                int64_t experts_per_token) {
   if (snapshot != nullptr && snapshot->size() == 0) snapshot.reset();
   if (!Accepts(batch, cache, pool, snapshot.get())) {
     return absl::FailedPreconditionError("decode graphs: this step is not a graph step");
@@ -145,7 +150,9 @@ absl::StatusOr<ForwardOutput> DecodeGraphs::Run(const std::vector<SequenceInput>
   for (const SequenceInput& seq : batch) context = std::max(context, cache.length(seq.slot) + 1);
   try {
     c10::NoGradGuard no_grad;
-    const Key key = {size, ContextBucket(context)};
+    const bool sparse = snapshot != nullptr &&
+                        MixtureDelta::UsesSparsePath(snapshot->size(), experts_per_token, size);
+    const Key key = {size, ContextBucket(context), sparse ? experts_per_token : 0};
     Graph* graph = Find(key);
     const bool fresh = graph == nullptr;
     if (fresh) graph = Add(key, snapshot != nullptr ? snapshot->size() : 0);
@@ -163,7 +170,9 @@ absl::StatusOr<ForwardOutput> DecodeGraphs::Run(const std::vector<SequenceInput>
       ++stats_.replays;
     } else {
       std::optional<MixtureDelta> delta;
-      if (snapshot != nullptr) delta.emplace(*pool, snapshot, graph->weights);
+      if (snapshot != nullptr) {
+        delta.emplace(*pool, snapshot, graph->weights, graph->experts_per_token);
+      }
       graph->logits = model_.DecodeStep(graph->inputs, cache, delta ? &*delta : nullptr);
       ++stats_.eager_steps;
     }

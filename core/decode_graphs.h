@@ -75,10 +75,12 @@ class DecodeGraphs {
   // snapshot->size()] fp32 on any device. Returns last-token logits like Model::Forward and
   // advances the cache's lengths. When a capture fails, returns its error and turns graphs off
   // (disabled()); the cache's lengths are unchanged and the caller can run the step eagerly.
+  // experts_per_token: as MixtureDelta takes it; a step that takes the sparse path replays a
+  // graph of its own.
   absl::StatusOr<ForwardOutput> Run(const std::vector<SequenceInput>& batch, KvCache& cache,
                                     const ExpertPool* pool,
                                     std::shared_ptr<const ExpertSnapshot> snapshot,
-                                    const at::Tensor& weights);
+                                    const at::Tensor& weights, int64_t experts_per_token = 0);
 
   // Drops every graph.
   void Clear();
@@ -88,8 +90,8 @@ class DecodeGraphs {
 
  private:
   struct Graph;
-  // (batch size, context bucket)
-  using Key = std::tuple<int64_t, int64_t>;
+  // (batch size, context bucket, experts a token on the sparse path: 0 for the dense one)
+  using Key = std::tuple<int64_t, int64_t, int64_t>;
 
   int64_t ContextBucket(int64_t context) const;
   Graph* Find(const Key& key);  // and marks it most recently used

@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "core/device_memory.h"
+#include "core/sparse_lora.h"
 #include "core/status_macros.h"
 #include "core/weighted_expand.h"
 #include "core/weighted_shrink.h"
@@ -336,12 +337,32 @@ absl::StatusOr<std::shared_ptr<const ExpertSnapshot>> ExpertPool::BuildSnapshot(
   return std::shared_ptr<const ExpertSnapshot>(std::move(snapshot));
 }
 
+namespace {
+// The sparse path's bounds: those of its kernels (core/kernels/sparse_lora.h), past which a step
+// is a prefill and the dense path's GEMMs are faster anyway.
+constexpr int64_t kMaxSparseExpertsPerToken = 8;
+constexpr int64_t kMaxSparseTokens = 64;
+}  // namespace
+
+bool MixtureDelta::UsesSparsePath(int64_t experts, int64_t experts_per_token, int64_t tokens) {
+  return experts_per_token >= 1 && experts_per_token <= kMaxSparseExpertsPerToken &&
+         experts_per_token * 4 <= experts && tokens <= kMaxSparseTokens;
+}
+
 MixtureDelta::MixtureDelta(const ExpertPool& pool, std::shared_ptr<const ExpertSnapshot> snapshot,
-                           at::Tensor weights)
+                           at::Tensor weights, int64_t experts_per_token)
     : pool_(pool), snapshot_(std::move(snapshot)) {
   const int64_t n = snapshot_->size();
   if (n > 0) {
     const int64_t tokens = weights.size(0);
+    if (!weights.requires_grad() && UsesSparsePath(n, experts_per_token, tokens)) {
+      // A token with fewer non-zero weights picks some zero-weight experts too: they add nothing.
+      auto [values, positions] = at::topk(weights, experts_per_token);
+      route_weights_ = values.to(at::kFloat).contiguous();
+      route_slots_ =
+          snapshot_->slot_index_.index_select(0, positions.reshape({-1})).view({tokens, -1});
+      return;
+    }
     const int64_t max_rank = pool_.options_.max_rank;
     // Each expert's weight repeated over its rank rows, in the model's dtype: [tokens, n * R].
     auto over_rows = [&](int64_t rows_per_expert) {
@@ -366,7 +387,7 @@ at::Tensor FirstSlots(const at::Tensor& stack, int64_t n) {
 std::optional<int64_t> MixtureDelta::ActiveRowsInRoom(const ProjectionId& id,
                                                       bool ExpertPool::Stack::*in_room) const {
   const int64_t index = ProjectionIndex(id);
-  if (!snapshot_->targeted_[index] || !snapshot_->slots_are_prefix_ ||
+  if (sparse() || !snapshot_->targeted_[index] || !snapshot_->slots_are_prefix_ ||
       !(pool_.stacks_[index].*in_room) || row_weights_.requires_grad()) {
     return std::nullopt;
   }
@@ -408,7 +429,8 @@ at::Tensor MixtureDelta::ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
 std::optional<int64_t> MixtureDelta::GroupShrinkRowsInRoom(
     absl::Span<const ProjectionId> members) const {
   const ExpertPool::GroupStack& group = pool_.group_stacks_[ProjectionIndex(members.front())];
-  if (group.members == 0 || !snapshot_->slots_are_prefix_ || row_weights_.requires_grad()) {
+  if (sparse() || group.members == 0 || !snapshot_->slots_are_prefix_ ||
+      row_weights_.requires_grad()) {
     return std::nullopt;
   }
   bool targeted = false;
@@ -431,6 +453,10 @@ at::Tensor MixtureDelta::Apply(const ProjectionId& id, const at::Tensor& x,
   const int64_t index = ProjectionIndex(id);
   if (!snapshot_->targeted_[index]) return base_output;  // no attached expert adapts it
   const ExpertPool::Stack& stack = pool_.stacks_[index];
+  if (sparse()) {
+    SparseLoraAdd(base_output, x, stack.a, stack.bt, route_slots_, route_weights_);
+    return base_output;
+  }
   const int64_t n = snapshot_->size();
   at::Tensor a, bt;
   if (snapshot_->slots_are_prefix_) {

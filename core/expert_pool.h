@@ -180,8 +180,16 @@ class ExpertPool {
 // device; it may require grad.
 class MixtureDelta : public LinearDelta {
  public:
+  // experts_per_token > 0 promises that no token has more non-zero weights than that. When that
+  // is few against the snapshot's experts (UsesSparsePath), an inference step reads only each
+  // token's own experts' rows (core/sparse_lora.h) rather than every attached expert's.
   MixtureDelta(const ExpertPool& pool, std::shared_ptr<const ExpertSnapshot> snapshot,
-               at::Tensor weights);
+               at::Tensor weights, int64_t experts_per_token = 0);
+  // Whether a step of `tokens` tokens over `experts` experts, at most experts_per_token non-zero
+  // weights a token, takes the sparse path: a decode step's few tokens, and each token's experts
+  // at most a quarter of them (below that the dense path's few kernels are faster).
+  static bool UsesSparsePath(int64_t experts, int64_t experts_per_token, int64_t tokens);
+  bool sparse() const { return route_slots_.defined(); }
   at::Tensor Apply(const ProjectionId& id, const at::Tensor& x,
                    at::Tensor base_output) const override;
   // The active rows when A_all (B_all) is in the projection's room and they are a prefix
@@ -213,6 +221,10 @@ class MixtureDelta : public LinearDelta {
   at::Tensor row_weights_;  // [tokens, n * max_rank], model dtype: weights over rank rows
   // [tokens, n * 3 * max_rank]: the same for the q/k/v group's slot-major rows, when it has room.
   at::Tensor group_row_weights_;
+  // The sparse path: each token's top experts_per_token experts, [tokens, k], by slot (long) and
+  // weight (fp32); the dense fields above are then unset.
+  at::Tensor route_slots_;
+  at::Tensor route_weights_;
 };
 
 inline int64_t ProjectionIndex(const ProjectionId& id) {

@@ -420,16 +420,23 @@ absl::StatusOr<ForwardOutput> Mixture::ForwardWithWeights(
     return absl::InvalidArgumentError(absl::StrCat("routing weights must be [", total_tokens,
                                                    " tokens, ", snapshot->size(), " experts]"));
   }
+  // Weights on the CPU (the router's) say how many experts each token uses; the sparse path
+  // needs that bound, and reading it from device weights would wait for the device.
+  int64_t experts_per_token = 0;
+  if (weights.device().is_cpu() && weights.numel() > 0 && !weights.requires_grad()) {
+    experts_per_token = weights.ne(0).sum(1).max().item<int64_t>();
+  }
   DecodeGraphs* graphs = options.decode_graphs;
   if (graphs != nullptr && !options.all_logits && !options.return_hidden &&
       !weights.requires_grad() && graphs->Accepts(batch, cache, &pool_, snapshot.get())) {
-    absl::StatusOr<ForwardOutput> output = graphs->Run(batch, cache, &pool_, snapshot, weights);
+    absl::StatusOr<ForwardOutput> output =
+        graphs->Run(batch, cache, &pool_, snapshot, weights, experts_per_token);
     // A failed capture turns graphs off and leaves the step to the eager path below.
     if (output.ok() || graphs->disabled().ok()) return output;
   }
   std::optional<MixtureDelta> delta;
   try {
-    delta.emplace(pool_, snapshot, weights.to(model_.options().device));
+    delta.emplace(pool_, snapshot, weights.to(model_.options().device), experts_per_token);
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("routing weights: ", e.what_without_backtrace()));
   }

@@ -126,7 +126,9 @@ class Mixture {
                                         ForwardOptions options = {}) const;
 
   // Lower level, for training and tests: one forward with explicit routing weights
-  // [tokens, snapshot->size()] (may require grad) over the given snapshot.
+  // [tokens, snapshot->size()] (may require grad) over the given snapshot. Weights on the CPU
+  // with few non-zeros a token (top-k routing over many experts) take the sparse path
+  // (MixtureDelta::UsesSparsePath): each token reads only its own experts' rows.
   absl::StatusOr<ForwardOutput> ForwardWithWeights(const std::vector<SequenceInput>& batch,
                                                    KvCache& cache,
                                                    std::shared_ptr<const ExpertSnapshot> snapshot,

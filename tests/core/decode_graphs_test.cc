@@ -35,17 +35,20 @@ class DecodeGraphsTest : public testing::TestWithParam<ModelType> {
     ASSERT_TRUE(pool.ok()) << pool.status();
     pool_ = std::move(*pool);
     mixture_ = std::make_unique<Mixture>(*model_, *pool_);
-    for (int i = 0; i < 2; ++i) {
-      RandomAdapterOptions spec;
-      spec.r = 4 + 2 * i;
-      spec.target_modules = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
-                             "gate_proj", "up_proj", "down_proj"};
-      spec.seed = 20 + i;
-      spec.std = 0.2;
-      const std::string dir = temp_.Join(absl::StrCat("expert", i));
-      ASSERT_TRUE(WriteRandomAdapter(dir, model_->config(), spec).ok());
-      ASSERT_TRUE(mixture_->AttachExpert(absl::StrCat("expert", i), dir).ok());
-    }
+    for (int i = 0; i < 2; ++i) AttachExpert(i);
+  }
+
+  // Expert i: rank 4 or 6 (the pool's max_rank is 8) over all seven projections.
+  void AttachExpert(int i) {
+    RandomAdapterOptions spec;
+    spec.r = 4 + 2 * (i % 2);
+    spec.target_modules = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                           "gate_proj", "up_proj", "down_proj"};
+    spec.seed = 20 + i;
+    spec.std = 0.2;
+    const std::string dir = temp_.Join(absl::StrCat("expert", i));
+    ASSERT_TRUE(WriteRandomAdapter(dir, model_->config(), spec).ok());
+    ASSERT_TRUE(mixture_->AttachExpert(absl::StrCat("expert", i), dir).ok());
   }
 
   // Prompts of different lengths in slots 0..n-1.
@@ -60,8 +63,9 @@ class DecodeGraphsTest : public testing::TestWithParam<ModelType> {
   }
 
   // Decodes `steps` tokens greedily for every prompt twice: eagerly and through DecodeGraphs.
-  // Logits must agree at every step.
-  void ExpectSameAsEager(bool mixture, int64_t batch, int64_t steps) {
+  // Logits must agree at every step. `top_one`: each token on one expert of four (the sparse
+  // path, MixtureDelta::UsesSparsePath), else softmax weights over all experts.
+  void ExpectSameAsEager(bool mixture, int64_t batch, int64_t steps, bool top_one = false) {
     c10::NoGradGuard no_grad;
     auto eager_cache = model_->CreateKvCache(batch + 1, 40);
     auto graph_cache = model_->CreateKvCache(batch + 1, 40);
@@ -70,7 +74,12 @@ class DecodeGraphsTest : public testing::TestWithParam<ModelType> {
     const auto snapshot = mixture ? pool_->snapshot() : nullptr;
     const std::vector<SequenceInput> prompts = Prompts(batch);
     at::Tensor weights;
-    if (mixture) weights = at::softmax(at::randn({batch, snapshot->size()}), 1);
+    if (mixture && top_one) {
+      weights = at::zeros({batch, snapshot->size()});
+      for (int64_t b = 0; b < batch; ++b) weights[b][(b + 1) % snapshot->size()] = 0.75;
+    } else if (mixture) {
+      weights = at::softmax(at::randn({batch, snapshot->size()}), 1);
+    }
     auto forward = [&](const std::vector<SequenceInput>& step, KvCache& cache,
                        DecodeGraphs* decode_graphs) -> absl::StatusOr<ForwardOutput> {
       if (!mixture) {
@@ -121,6 +130,12 @@ TEST_P(DecodeGraphsTest, BaseStepsMatchEagerForward) { ExpectSameAsEager(false, 
 TEST_P(DecodeGraphsTest, MixtureStepsMatchEagerForward) { ExpectSameAsEager(true, 3, 12); }
 
 TEST_P(DecodeGraphsTest, SingleSequenceMatchesEagerForward) { ExpectSameAsEager(true, 1, 6); }
+
+TEST_P(DecodeGraphsTest, TopOneRoutingStepsMatchEagerForward) {
+  AttachExpert(2);
+  AttachExpert(3);
+  ExpectSameAsEager(true, 3, 12, /*top_one=*/true);
+}
 
 // The room layout (q/k/v grouped, A and B inside the projections' buffers, the block-diagonal
 // expand) gives what a pool keeping its own buffers gives, on this device: on the GPU machine

@@ -116,6 +116,44 @@ TEST_F(MixtureTest, RoutedForwardEqualsForwardWithItsTracedWeights) {
   EXPECT_FALSE(at::allclose(routed->routing.weights[0], routed->routing.weights[1]));
 }
 
+// Top-1 routing over 4 experts: ForwardWithWeights sees at most one non-zero weight a token and
+// takes the sparse path (each token reads only its expert's rows), which gives what the dense pass
+// over every expert gives.
+TEST_F(MixtureTest, FewExpertsATokenTakeTheSparsePathWithTheDenseResult) {
+  RandomAdapterOptions spec;
+  spec.r = 8;
+  spec.target_modules = {"q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"};
+  spec.seed = 44;
+  spec.std = 0.2;
+  ASSERT_TRUE(WriteRandomAdapter(temp_.Join("extra"), model_->config(), spec).ok());
+  ASSERT_TRUE(mixture_->AttachExpert("extra", temp_.Join("extra")).ok());
+  const auto snapshot = pool_->snapshot();
+  ASSERT_EQ(snapshot->size(), 4);
+  // Tokens 0-3 each on one expert, token 4 on none, token 5 on "extra" at weight 0.5.
+  at::Tensor weights = at::zeros({6, 4});
+  for (int64_t t = 0; t < 4; ++t) weights[t][t] = 0.5 + 0.25 * static_cast<double>(t);
+  weights[5][3] = 0.5;
+  const std::vector<SequenceInput> batch = {{0, {5, 17, 29, 2}}, {1, {100, 3}}};
+
+  EXPECT_TRUE(MixtureDelta(*pool_, snapshot, weights, 1).sparse());
+  EXPECT_FALSE(MixtureDelta(*pool_, snapshot, weights, 2).sparse());  // half the experts: dense
+  EXPECT_FALSE(MixtureDelta(*pool_, snapshot, weights).sparse());
+
+  auto cache = model_->CreateKvCache(4, 32);
+  auto sparse =
+      mixture_->ForwardWithWeights(batch, *cache, snapshot, weights, {.all_logits = true});
+  ASSERT_TRUE(sparse.ok()) << sparse.status();
+  const MixtureDelta dense_delta(*pool_, snapshot, weights);
+  auto dense_cache = model_->CreateKvCache(4, 32);
+  auto dense = model_->Forward(batch, *dense_cache, {.all_logits = true, .delta = &dense_delta});
+  ASSERT_TRUE(dense.ok()) << dense.status();
+  EXPECT_TRUE(at::allclose(sparse->logits, dense->logits, 1e-4, 1e-4));
+  auto base_cache = model_->CreateKvCache(4, 32);
+  auto base = model_->Forward(batch, *base_cache, {.all_logits = true});
+  ASSERT_TRUE(base.ok());
+  EXPECT_FALSE(at::allclose(sparse->logits, base->logits, 1e-3, 1e-3));
+}
+
 TEST_F(MixtureTest, SequenceGranularityIsFixedAtTheFirstForward) {
   ASSERT_TRUE(mixture_
                   ->AttachRouter(MakeRouter("seq", names_, RouterInput::kEmbeddings,

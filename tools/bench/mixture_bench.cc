@@ -35,6 +35,10 @@ ABSL_FLAG(std::string, preset, "custom",
 ABSL_FLAG(std::string, ks, "2,4,8", "expert counts K for prefill (fused and K-pass)");
 ABSL_FLAG(std::string, decode_ks, "8", "expert counts K for decode");
 ABSL_FLAG(std::string, decode_batches, "1,8,32,64", "decode batch sizes");
+ABSL_FLAG(int64_t, decode_top_k, 0,
+          "decode: also time each K above this with top-k routing (this many experts a token, "
+          "chosen afresh each step: the sparse path where K is at least 4x this); 0: uniform "
+          "weights over all K only");
 ABSL_FLAG(bool, projections, true, "also time single projections (base, fused, widened)");
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda");
 ABSL_FLAG(bool, adapter_room, true,
@@ -302,11 +306,24 @@ void BM_KPass(benchmark::State& state, int k) {
   state.SetItemsProcessed(state.iterations() * s.tokens);
 }
 
+// Routing weights of one decode step: uniform over all k experts (top_k 0), or 1/top_k on
+// top_k distinct experts a token, spread over the pool and moved on every step.
+at::Tensor StepWeights(int64_t batch, int64_t k, int64_t top_k, int64_t step) {
+  if (top_k <= 0) return at::full({batch, std::max<int64_t>(k, 1)}, 1.0 / std::max<int64_t>(k, 1));
+  at::Tensor weights = at::zeros({batch, k});
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j = 0; j < top_k; ++j) {
+      weights[b][(b * 7 + step * 3 + j * (k / top_k)) % k] = 1.0 / static_cast<double>(top_k);
+    }
+  }
+  return weights;
+}
+
 // One decode step (one new token for each of `batch` sequences, each with decode_context tokens
-// already cached) of the base model (k = 0) or the fused pass over k experts with dense
-// weights: the step the serving engine runs once per generated token. With `graphs`, through
-// DecodeGraphs as the engine runs it (captured at the first step, replayed after).
-void BM_Decode(benchmark::State& state, int64_t batch, int k, bool graphs) {
+// already cached) of the base model (k = 0) or the fused pass over k experts (uniform weights, or
+// top-k routing): the step the serving engine runs once per generated token. With `graphs`,
+// through DecodeGraphs as the engine runs it (captured at the first step, replayed after).
+void BM_Decode(benchmark::State& state, int64_t batch, int k, int64_t top_k, bool graphs) {
   Setup& s = Global();
   const int64_t context = absl::GetFlag(FLAGS_decode_context);
   const int64_t vocab = s.model->config().vocab_size;
@@ -328,7 +345,6 @@ void BM_Decode(benchmark::State& state, int64_t batch, int k, bool graphs) {
     Check(s.model->Forward(chunk, *cache).status());
   }
   const auto snapshot = k > 0 ? FirstExperts(k) : nullptr;
-  const at::Tensor weights = at::full({batch, std::max(k, 1)}, 1.0 / std::max(k, 1));
   DecodeGraphs decode_graphs(*s.model, *cache,
                              {.max_batch = batch, .current_snapshot_only = false});
   DecodeGraphs* use = graphs ? &decode_graphs : nullptr;
@@ -336,6 +352,10 @@ void BM_Decode(benchmark::State& state, int64_t batch, int k, bool graphs) {
   int64_t iteration = 0;
   for (auto _ : state) {
     for (int64_t b = 0; b < batch; ++b) step[b].tokens[0] = (b * 31 + iteration * 7) % vocab;
+    // Made outside the timing: the engine's router writes them as part of routing.
+    state.PauseTiming();
+    const at::Tensor weights = StepWeights(batch, k, top_k, iteration);
+    state.ResumeTiming();
     ++iteration;
     absl::StatusOr<ForwardOutput> out =
         k > 0
@@ -441,17 +461,24 @@ int main(int argc, char** argv) {
   for (int64_t k : moelora::IntList(absl::GetFlag(FLAGS_decode_ks))) decode_ks.push_back(k);
   for (int64_t batch : moelora::IntList(absl::GetFlag(FLAGS_decode_batches))) {
     for (int64_t k : decode_ks) {
-      for (bool graphs : {false, true}) {
-        if (graphs && !moelora::DecodeGraphs::CanCapture(*moelora::Global().model)) {
-          continue;  // no CUDA graphs on this build or device
+      // Uniform weights, then top-k routing where K has more experts than it picks.
+      const int64_t top_k = absl::GetFlag(FLAGS_decode_top_k);
+      std::vector<int64_t> routings = {0};
+      if (top_k > 0 && k > top_k) routings.push_back(top_k);
+      for (int64_t routed : routings) {
+        for (bool graphs : {false, true}) {
+          if (graphs && !moelora::DecodeGraphs::CanCapture(*moelora::Global().model)) {
+            continue;  // no CUDA graphs on this build or device
+          }
+          benchmark::RegisterBenchmark(
+              absl::StrCat("decode/", k == 0 ? "base" : absl::StrCat("fused/K=", k),
+                           routed > 0 ? absl::StrCat("/top", routed) : "", "/batch=", batch,
+                           graphs ? "/graph" : "/eager")
+                  .c_str(),
+              moelora::BM_Decode, batch, static_cast<int>(k), routed, graphs)
+              ->Iterations(absl::GetFlag(FLAGS_decode_steps))
+              ->Unit(benchmark::kMillisecond);
         }
-        benchmark::RegisterBenchmark(
-            absl::StrCat("decode/", k == 0 ? "base" : absl::StrCat("fused/K=", k), "/batch=", batch,
-                         graphs ? "/graph" : "/eager")
-                .c_str(),
-            moelora::BM_Decode, batch, static_cast<int>(k), graphs)
-            ->Iterations(absl::GetFlag(FLAGS_decode_steps))
-            ->Unit(benchmark::kMillisecond);
       }
     }
   }
