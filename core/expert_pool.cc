@@ -345,8 +345,13 @@ constexpr int64_t kMaxSparseTokens = 64;
 }  // namespace
 
 bool MixtureDelta::UsesSparsePath(int64_t experts, int64_t experts_per_token, int64_t tokens) {
+  // The dense path reads every expert's rows once in a few kernels; the sparse path launches
+  // more kernels and reads each token's experts' rows per token. Measured on gemma-2b (H100),
+  // sparse wins where each token picks at most a sixteenth of the experts and the step's pairs
+  // are at most a quarter of them (top-2 of 64: up to 8 tokens; docs/BENCHMARKS.md).
   return experts_per_token >= 1 && experts_per_token <= kMaxSparseExpertsPerToken &&
-         experts_per_token * 4 <= experts && tokens <= kMaxSparseTokens;
+         experts_per_token * 16 <= experts && tokens * experts_per_token * 4 <= experts &&
+         tokens <= kMaxSparseTokens;
 }
 
 MixtureDelta::MixtureDelta(const ExpertPool& pool, std::shared_ptr<const ExpertSnapshot> snapshot,
@@ -426,6 +431,21 @@ at::Tensor MixtureDelta::ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
   return base_output;
 }
 
+std::vector<at::Tensor> MixtureDelta::ApplyGroup(absl::Span<const ProjectionId> members,
+                                                 const at::Tensor& x,
+                                                 std::vector<at::Tensor> base_outputs) const {
+  if (!sparse()) return LinearDelta::ApplyGroup(members, x, std::move(base_outputs));
+  std::vector<SparseLoraTarget> targets;
+  for (size_t i = 0; i < members.size(); ++i) {
+    const int64_t index = ProjectionIndex(members[i]);
+    if (!snapshot_->targeted_[index]) continue;  // no attached expert adapts it
+    const ExpertPool::Stack& stack = pool_.stacks_[index];
+    targets.push_back({stack.a, stack.bt, base_outputs[i]});
+  }
+  SparseLoraAdd(x, route_slots_, route_weights_, targets);
+  return base_outputs;
+}
+
 std::optional<int64_t> MixtureDelta::GroupShrinkRowsInRoom(
     absl::Span<const ProjectionId> members) const {
   const ExpertPool::GroupStack& group = pool_.group_stacks_[ProjectionIndex(members.front())];
@@ -454,7 +474,7 @@ at::Tensor MixtureDelta::Apply(const ProjectionId& id, const at::Tensor& x,
   if (!snapshot_->targeted_[index]) return base_output;  // no attached expert adapts it
   const ExpertPool::Stack& stack = pool_.stacks_[index];
   if (sparse()) {
-    SparseLoraAdd(base_output, x, stack.a, stack.bt, route_slots_, route_weights_);
+    SparseLoraAdd(x, route_slots_, route_weights_, {{stack.a, stack.bt, base_output}});
     return base_output;
   }
   const int64_t n = snapshot_->size();

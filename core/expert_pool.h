@@ -186,8 +186,9 @@ class MixtureDelta : public LinearDelta {
   MixtureDelta(const ExpertPool& pool, std::shared_ptr<const ExpertSnapshot> snapshot,
                at::Tensor weights, int64_t experts_per_token = 0);
   // Whether a step of `tokens` tokens over `experts` experts, at most experts_per_token non-zero
-  // weights a token, takes the sparse path: a decode step's few tokens, and each token's experts
-  // at most a quarter of them (below that the dense path's few kernels are faster).
+  // weights a token, takes the sparse path: a decode step's few tokens, each on at most a
+  // sixteenth of the experts, and the step's (token, expert) pairs at most a quarter of them
+  // (past either, the dense path's few kernels are faster).
   static bool UsesSparsePath(int64_t experts, int64_t experts_per_token, int64_t tokens);
   bool sparse() const { return route_slots_.defined(); }
   at::Tensor Apply(const ProjectionId& id, const at::Tensor& x,
@@ -203,6 +204,9 @@ class MixtureDelta : public LinearDelta {
   void ScaledShrinkPairInto(const ProjectionId& first, const ProjectionId& second,
                             const at::Tensor& x, at::Tensor first_out,
                             at::Tensor second_out) const override;
+  // The sparse path: every targeted member in one SparseLoraAdd.
+  std::vector<at::Tensor> ApplyGroup(absl::Span<const ProjectionId> members, const at::Tensor& x,
+                                     std::vector<at::Tensor> base_outputs) const override;
   std::optional<int64_t> GroupShrinkRowsInRoom(
       absl::Span<const ProjectionId> members) const override;
   at::Tensor ApplyGroupShrunk(absl::Span<const ProjectionId> members, at::Tensor shrink,

@@ -88,6 +88,15 @@ void LinearDelta::ScaledShrinkPairInto(const ProjectionId& first, const Projecti
   ScaledShrinkInto(second, x, std::move(second_out));
 }
 
+std::vector<at::Tensor> LinearDelta::ApplyGroup(absl::Span<const ProjectionId> members,
+                                                const at::Tensor& x,
+                                                std::vector<at::Tensor> base_outputs) const {
+  for (size_t i = 0; i < members.size(); ++i) {
+    base_outputs[i] = Apply(members[i], x, std::move(base_outputs[i]));
+  }
+  return base_outputs;
+}
+
 at::Tensor LinearDelta::ApplyGroupShrunk(absl::Span<const ProjectionId> /*members*/,
                                          at::Tensor /*shrink*/, at::Tensor base_output) const {
   TORCH_CHECK(false, "ApplyGroupShrunk called on a delta that keeps no rows in a group's room");
@@ -261,11 +270,7 @@ std::vector<at::Tensor> LinearGroup::Forward(const at::Tensor& x, const LinearDe
     }
   }
   std::vector<at::Tensor> outputs = Split(at::linear(x, weight_, bias_));
-  if (delta != nullptr) {
-    for (size_t i = 0; i < outputs.size(); ++i) {
-      outputs[i] = delta->Apply(ids_[i], x, std::move(outputs[i]));
-    }
-  }
+  if (delta != nullptr) outputs = delta->ApplyGroup(ids_, x, std::move(outputs));
   return outputs;
 }
 

@@ -79,6 +79,13 @@ class LinearDelta {
                                     const at::Tensor& x, at::Tensor first_out,
                                     at::Tensor second_out) const;
 
+  // Projections that read one x (a LinearGroup's q/k/v; gate and up) when the delta is not in
+  // their rooms: adds each member's delta to its output. The default applies each member in
+  // turn; a delta may do them all in one pass over x.
+  virtual std::vector<at::Tensor> ApplyGroup(absl::Span<const ProjectionId> members,
+                                             const at::Tensor& x,
+                                             std::vector<at::Tensor> base_outputs) const;
+
   // ShrinkRowsInRoom and ApplyShrunk for a LinearGroup with these members: N rows of the group's
   // room (slot-major over the members) and shrink [tokens, N]; base_output [tokens, Σ out].
   virtual std::optional<int64_t> GroupShrinkRowsInRoom(

@@ -549,9 +549,20 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
       delta->ScaledShrinkPairInto(gate.id(), up.id(), x, Linear::ShrinkColumnsBeside(x, *columns),
                                   Linear::ShrinkColumnsBeside(up_input, *columns));
     }
-    const at::Tensor gated =
-        GatedActivation(gate.Forward(x, delta, paired),
-                        up.Forward(paired ? up_input : x, delta, paired), c.activation);
+    at::Tensor gate_output, up_output;
+    if (!paired && delta != nullptr && !columns.has_value() &&
+        !up.ColumnsInRoom(delta).has_value()) {
+      // Neither folds the delta into its GEMM: both deltas together, one pass over x for a delta
+      // that can (the sparse path).
+      std::vector<at::Tensor> outputs = delta->ApplyGroup(
+          {gate.id(), up.id()}, x, {gate.Forward(x, nullptr), up.Forward(x, nullptr)});
+      gate_output = std::move(outputs[0]);
+      up_output = std::move(outputs[1]);
+    } else {
+      gate_output = gate.Forward(x, delta, paired);
+      up_output = up.Forward(paired ? up_input : x, delta, paired);
+    }
+    const at::Tensor gated = GatedActivation(gate_output, up_output, c.activation);
     const bool last = l + 1 == c.num_hidden_layers;
     added = AddRmsNorm(h, proj(layer, ProjectionKind::kDown, gated),
                        last ? final_norm_ : layers_[l + 1].input_norm);

@@ -28,25 +28,33 @@ struct SlotStack {
   int64_t column_stride = 0;
 };
 
-// The most tokens, experts per token and rank rows a slot the kernels take.
+// The most tokens, experts per token, rank rows a slot and targets the kernels take.
 inline constexpr int64_t kSparseLoraMaxTokens = 64;
 inline constexpr int64_t kSparseLoraMaxExpertsPerToken = 8;
 inline constexpr int64_t kSparseLoraMaxRank = 64;
+inline constexpr int kMaxSparseLoraTargets = 3;
+
+// One projection reading the shared input: its stacks and its output.
+struct SparseLoraTarget {
+  SlotStack a;  // A: (slot, r < rank, i < in); column_stride 1
+  SlotStack
+      bt;  // Bᵀ: (slot, r < rank, c < columns); row_stride 1 (a column room) or column_stride 1
+  void* out = nullptr;  // [tokens, columns], read and written
+  int64_t out_stride = 0;
+  int64_t columns = 0;
+};
 
 struct SparseLoraArgs {
-  ElementType type = ElementType::kBFloat16;  // x, A, Bᵀ and out; bf16 or fp16
+  ElementType type = ElementType::kBFloat16;  // x, the stacks and the outputs; bf16 or fp16
   int64_t tokens = 0;
   int64_t experts_per_token = 0;  // k
   int64_t rank = 0;               // R rows read of each slot
   int64_t in = 0;
-  int64_t out = 0;
-  RowMajor x;    // [tokens, in]
-  SlotStack a;   // A: (slot, r < R, i < in); column_stride 1
-  SlotStack bt;  // Bᵀ: (slot, r < R, c < out); row_stride 1 (a column room) or column_stride 1
+  RowMajor x;                      // [tokens, in]
   const int64_t* slots = nullptr;  // [tokens, k] row-major: each token's experts' slots
   const float* weights = nullptr;  // [tokens, k] row-major: their routing weights
-  void* out_data = nullptr;        // [tokens, out], read and written
-  int64_t out_stride = 0;
+  SparseLoraTarget targets[kMaxSparseLoraTargets];
+  int count = 0;               // targets used
   float* workspace = nullptr;  // SparseLoraWorkspaceFloats(args) floats
 };
 
@@ -54,17 +62,19 @@ struct SparseLoraArgs {
 int64_t SparseLoraWorkspaceFloats(const SparseLoraArgs& args);
 
 // Whether LaunchSparseLora takes `args`: bf16 or fp16; 1 ≤ tokens ≤ kSparseLoraMaxTokens;
-// 1 ≤ k ≤ kSparseLoraMaxExpertsPerToken; 1 ≤ R ≤ kSparseLoraMaxRank; in a multiple of 8; x and A
-// in 16-byte packs (aligned pointers, row and slot strides multiples of 8); Bᵀ with unit column
-// stride, or unit row stride with R, the other strides and the pointer in 16-byte packs too.
+// 1 ≤ k ≤ kSparseLoraMaxExpertsPerToken; 1 ≤ R ≤ kSparseLoraMaxRank, R a multiple of 8;
+// 1 ≤ count ≤ kMaxSparseLoraTargets; in and every target's columns multiples of 8; x, every A and
+// every Bᵀ in 16-byte packs (aligned pointers, strides multiples of 8); every Bᵀ with unit column
+// stride, or every Bᵀ with unit row stride.
 bool SparseLoraTakes(const SparseLoraArgs& args);
 
-// For t < tokens, c < out:
+// For every target, t < tokens, c < columns:
 //   out[t][c] = round(out[t][c] + Σ_j Σ_r round(round(x_t·A_{slot(t,j)}[r]) · round(w[t][j]))
 //                                            · Bᵀ_{slot(t,j)}[r][c])
-// (round: to the element type; sums in fp32). A pair whose weight is 0 reads nothing. `out` must
-// not overlap the inputs. Two kernels on `stream` (CUDA-graph capturable); returns the launch
-// error, if any; cudaErrorInvalidValue when !SparseLoraTakes(args) or without a workspace.
+// (round: to the element type; sums in fp32). A pair whose weight is 0 reads nothing. Outputs
+// must not overlap each other or the inputs. Two kernels on `stream` (CUDA-graph capturable);
+// returns the launch error, if any; cudaErrorInvalidValue when !SparseLoraTakes(args) or
+// without a workspace.
 cudaError_t LaunchSparseLora(const SparseLoraArgs& args, cudaStream_t stream);
 
 }  // namespace moelora::kernels

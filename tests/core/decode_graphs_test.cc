@@ -27,11 +27,11 @@ class DecodeGraphsTest : public testing::TestWithParam<ModelType> {
     ASSERT_TRUE(WriteRandomModel(base, TinyModelConfig(GetParam()), {.seed = 3}).ok());
     const LoadOptions options = {
         .device = at::hasCUDA() ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU),
-        .adapter_room = {4, 8}};
+        .adapter_room = {16, 8}};
     auto model = Model::Load(base, options);
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
-    auto pool = ExpertPool::Create(*model_, {.capacity = 4, .max_rank = 8});
+    auto pool = ExpertPool::Create(*model_, {.capacity = 16, .max_rank = 8});
     ASSERT_TRUE(pool.ok()) << pool.status();
     pool_ = std::move(*pool);
     mixture_ = std::make_unique<Mixture>(*model_, *pool_);
@@ -64,7 +64,7 @@ class DecodeGraphsTest : public testing::TestWithParam<ModelType> {
 
   // Decodes `steps` tokens greedily for every prompt twice: eagerly and through DecodeGraphs.
   // Logits must agree at every step. `top_one`: each token on one expert of four (the sparse
-  // path, MixtureDelta::UsesSparsePath), else softmax weights over all experts.
+  // path over 16 experts, MixtureDelta::UsesSparsePath), else softmax weights over all experts.
   void ExpectSameAsEager(bool mixture, int64_t batch, int64_t steps, bool top_one = false) {
     c10::NoGradGuard no_grad;
     auto eager_cache = model_->CreateKvCache(batch + 1, 40);
@@ -76,7 +76,7 @@ class DecodeGraphsTest : public testing::TestWithParam<ModelType> {
     at::Tensor weights;
     if (mixture && top_one) {
       weights = at::zeros({batch, snapshot->size()});
-      for (int64_t b = 0; b < batch; ++b) weights[b][(b + 1) % snapshot->size()] = 0.75;
+      for (int64_t b = 0; b < batch; ++b) weights[b][(5 * b + 1) % snapshot->size()] = 0.75;
     } else if (mixture) {
       weights = at::softmax(at::randn({batch, snapshot->size()}), 1);
     }
@@ -132,8 +132,7 @@ TEST_P(DecodeGraphsTest, MixtureStepsMatchEagerForward) { ExpectSameAsEager(true
 TEST_P(DecodeGraphsTest, SingleSequenceMatchesEagerForward) { ExpectSameAsEager(true, 1, 6); }
 
 TEST_P(DecodeGraphsTest, TopOneRoutingStepsMatchEagerForward) {
-  AttachExpert(2);
-  AttachExpert(3);
+  for (int i = 2; i < 16; ++i) AttachExpert(i);
   ExpectSameAsEager(true, 3, 12, /*top_one=*/true);
 }
 

@@ -31,7 +31,7 @@ class MixtureTest : public testing::Test {
     auto model = Model::Load(temp_.Join("base"), {.dtype = dtype});
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
-    auto pool = ExpertPool::Create(*model_, {.capacity = 4, .max_rank = 8});
+    auto pool = ExpertPool::Create(*model_, {.capacity = 16, .max_rank = 8});
     ASSERT_TRUE(pool.ok());
     pool_ = std::move(*pool);
     mixture_ = std::make_unique<Mixture>(*model_, *pool_);
@@ -116,28 +116,33 @@ TEST_F(MixtureTest, RoutedForwardEqualsForwardWithItsTracedWeights) {
   EXPECT_FALSE(at::allclose(routed->routing.weights[0], routed->routing.weights[1]));
 }
 
-// Top-1 routing over 4 experts: ForwardWithWeights sees at most one non-zero weight a token and
-// takes the sparse path (each token reads only its expert's rows), which gives what the dense pass
-// over every expert gives.
+// Top-1 routing over 16 experts: ForwardWithWeights sees at most one non-zero weight a token and
+// takes the sparse path (each token reads only its expert's rows), which gives what the dense
+// pass over every expert gives.
 TEST_F(MixtureTest, FewExpertsATokenTakeTheSparsePathWithTheDenseResult) {
-  RandomAdapterOptions spec;
-  spec.r = 8;
-  spec.target_modules = {"q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"};
-  spec.seed = 44;
-  spec.std = 0.2;
-  ASSERT_TRUE(WriteRandomAdapter(temp_.Join("extra"), model_->config(), spec).ok());
-  ASSERT_TRUE(mixture_->AttachExpert("extra", temp_.Join("extra")).ok());
+  for (int i = 3; i < 16; ++i) {
+    RandomAdapterOptions spec;
+    spec.r = 8;
+    spec.target_modules = {"q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"};
+    spec.seed = 44 + i;
+    spec.std = 0.2;
+    const std::string name = absl::StrCat("extra", i);
+    ASSERT_TRUE(WriteRandomAdapter(temp_.Join(name), model_->config(), spec).ok());
+    ASSERT_TRUE(mixture_->AttachExpert(name, temp_.Join(name)).ok());
+  }
   const auto snapshot = pool_->snapshot();
-  ASSERT_EQ(snapshot->size(), 4);
-  // Tokens 0-3 each on one expert, token 4 on none, token 5 on "extra" at weight 0.5.
-  at::Tensor weights = at::zeros({6, 4});
-  for (int64_t t = 0; t < 4; ++t) weights[t][t] = 0.5 + 0.25 * static_cast<double>(t);
-  weights[5][3] = 0.5;
-  const std::vector<SequenceInput> batch = {{0, {5, 17, 29, 2}}, {1, {100, 3}}};
+  ASSERT_EQ(snapshot->size(), 16);
+  // Tokens 0 and 1 each on one expert, token 2 on none, token 3 on the last at weight 0.5.
+  at::Tensor weights = at::zeros({4, 16});
+  weights[0][1] = 0.5;
+  weights[1][6] = 0.75;
+  weights[3][15] = 0.5;
+  const std::vector<SequenceInput> batch = {{0, {5, 17, 29}}, {1, {100}}};
 
   EXPECT_TRUE(MixtureDelta(*pool_, snapshot, weights, 1).sparse());
-  EXPECT_FALSE(MixtureDelta(*pool_, snapshot, weights, 2).sparse());  // half the experts: dense
+  EXPECT_FALSE(MixtureDelta(*pool_, snapshot, weights, 2).sparse());  // an eighth each: dense
   EXPECT_FALSE(MixtureDelta(*pool_, snapshot, weights).sparse());
+  EXPECT_FALSE(MixtureDelta(*pool_, snapshot, at::zeros({5, 16}), 1).sparse());  // 5 pairs
 
   auto cache = model_->CreateKvCache(4, 32);
   auto sparse =

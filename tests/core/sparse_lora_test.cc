@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -22,10 +23,10 @@ struct Shape {
 
 // Decode sizes (q at batch 1, k/v at 32, down's 16384-wide input at 64), the kernels' bounds
 // (8 experts a token, rank 64), widths that are not a whole number of the shrink's 512-element
-// splits, rank 24 (not a whole number of 16-byte packs: a column room falls back), and past the
-// kernels' 64 tokens (the gather path).
+// splits nor of the expand's column tiles, rank 12 (not a whole number of 16-byte packs: the
+// gather path), and past the kernels' 64 tokens (the gather path).
 const Shape kShapes[] = {{1, 2, 16, 2048, 2048}, {32, 2, 16, 2048, 256}, {64, 2, 16, 16384, 512},
-                         {64, 8, 64, 1024, 96},  {5, 3, 8, 520, 300},    {3, 1, 24, 40, 16},
+                         {64, 8, 64, 1024, 96},  {5, 3, 8, 520, 296},    {3, 1, 12, 40, 16},
                          {100, 2, 16, 64, 64}};
 
 // How the stacks lie: contiguous (a pool without room), in a projection's room (A in row room,
@@ -36,9 +37,8 @@ struct Stacks {
   at::Tensor a, bt;
 };
 
-Stacks MakeStacks(Layout layout, int64_t slots, const Shape& shape,
+Stacks MakeStacks(Layout layout, int64_t slots, int64_t rank, int64_t in, int64_t out,
                   const at::TensorOptions& options) {
-  const int64_t rank = shape.rank, in = shape.in, out = shape.out;
   // Both products of order 1, so a shrink that rounds the other way in the reference (another
   // fp32 order) moves the output by well under the tolerance.
   const double scale = 1.0 / std::sqrt(static_cast<double>(in));
@@ -85,20 +85,19 @@ at::Tensor Expected(const at::Tensor& out, const at::Tensor& x, const Stacks& st
   return at::stack(rows).to(dtype);
 }
 
-TEST(SparseLoraTest, AddsEachTokensOwnExpertsAndWritesOnlyTheOutput) {
+// One to three targets reading one x (as q/k/v or gate/up do), each output a column block of a
+// wider buffer and of its own width.
+TEST(SparseLoraTest, AddsEachTokensOwnExpertsAndWritesOnlyTheOutputs) {
   at::manual_seed(31);
   const int64_t slots = 9;
   for (const c10::Device device : Devices()) {
     for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
       if (device.is_cpu() && dtype == at::kHalf) continue;  // Debian's 1.13 lacks CPU half GEMM
       for (const Layout layout : {Layout::kContiguous, Layout::kRoom, Layout::kGroupMember}) {
-        for (const Shape& shape : kShapes) {
+        for (size_t s = 0; s < std::size(kShapes); ++s) {
+          const Shape& shape = kShapes[s];
           const auto options = at::TensorOptions().device(device).dtype(dtype);
-          const Stacks stacks = MakeStacks(layout, slots, shape, options);
           const at::Tensor x = at::randn({shape.tokens, shape.in}, options);
-          // The output a column block of a wider buffer, as a q/k/v member's is.
-          const at::Tensor buffer = at::randn({shape.tokens, shape.out + 8}, options);
-          const at::Tensor out = buffer.narrow(1, 0, shape.out);
           // Slots repeat across tokens; every third pair has weight 0 (a token with fewer
           // experts than k).
           const at::Tensor route_slots =
@@ -107,18 +106,32 @@ TEST(SparseLoraTest, AddsEachTokensOwnExpertsAndWritesOnlyTheOutput) {
           at::Tensor weights =
               at::rand({shape.tokens, shape.experts_per_token}, at::TensorOptions().device(device));
           weights.view({-1}).slice(0, 2, c10::nullopt, 3).zero_();
-          const at::Tensor expected = Expected(out, x, stacks, route_slots, weights);
-          const at::Tensor tail_before = buffer.narrow(1, shape.out, 8).cpu();
+          const int64_t count = 1 + static_cast<int64_t>(s % 3);
+          std::vector<Stacks> stacks;
+          std::vector<at::Tensor> buffers, expected, tails;
+          std::vector<SparseLoraTarget> targets;
+          for (int64_t g = 0; g < count; ++g) {
+            const int64_t out = shape.out + 8 * g;
+            stacks.push_back(MakeStacks(layout, slots, shape.rank, shape.in, out, options));
+            buffers.push_back(at::randn({shape.tokens, out + 8}, options));
+            const at::Tensor target_out = buffers.back().narrow(1, 0, out);
+            expected.push_back(Expected(target_out, x, stacks.back(), route_slots, weights));
+            tails.push_back(buffers.back().narrow(1, out, 8).cpu());
+            targets.push_back({stacks.back().a, stacks.back().bt, target_out});
+          }
 
-          SparseLoraAdd(out, x, stacks.a, stacks.bt, route_slots, weights);
-          const std::string what =
-              ::testing::PrintToString(device) + " " + std::string(c10::toString(dtype)) +
-              " layout " + std::to_string(static_cast<int>(layout)) + " tokens " +
-              std::to_string(shape.tokens) + " k " + std::to_string(shape.experts_per_token) +
-              " rank " + std::to_string(shape.rank) + " in " + std::to_string(shape.in) + " out " +
-              std::to_string(shape.out);
-          ExpectWithinRounding(out, expected, what);
-          EXPECT_TRUE(at::equal(buffer.narrow(1, shape.out, 8).cpu(), tail_before)) << what;
+          SparseLoraAdd(x, route_slots, weights, targets);
+          for (int64_t g = 0; g < count; ++g) {
+            const std::string what =
+                ::testing::PrintToString(device) + " " + std::string(c10::toString(dtype)) +
+                " layout " + std::to_string(static_cast<int>(layout)) + " tokens " +
+                std::to_string(shape.tokens) + " k " + std::to_string(shape.experts_per_token) +
+                " rank " + std::to_string(shape.rank) + " in " + std::to_string(shape.in) +
+                " target " + std::to_string(g) + " of " + std::to_string(count);
+            ExpectWithinRounding(targets[g].out, expected[g], what);
+            EXPECT_TRUE(at::equal(buffers[g].narrow(1, targets[g].out.size(1), 8).cpu(), tails[g]))
+                << what;
+          }
         }
       }
     }
@@ -131,10 +144,12 @@ TEST(SparseLoraTest, MismatchedShapesAreRefused) {
   const at::Tensor a = at::zeros({3, 4, 16});
   const at::Tensor bt = at::zeros({3, 4, 8});
   const at::Tensor slots = at::zeros({2, 1}, at::kLong);
-  EXPECT_THROW(SparseLoraAdd(out, x, a, bt, slots, at::zeros({2, 2})), c10::Error);
-  EXPECT_THROW(SparseLoraAdd(out, x, a, at::zeros({3, 4, 9}), slots, at::zeros({2, 1})),
+  const at::Tensor weights = at::zeros({2, 1});
+  EXPECT_THROW(SparseLoraAdd(x, slots, at::zeros({2, 2}), {{a, bt, out}}), c10::Error);
+  EXPECT_THROW(SparseLoraAdd(x, slots, weights, {{a, at::zeros({3, 4, 9}), out}}), c10::Error);
+  EXPECT_THROW(SparseLoraAdd(x, slots.to(at::kInt), weights, {{a, bt, out}}), c10::Error);
+  EXPECT_THROW(SparseLoraAdd(x, slots, weights, {{a, bt, out}, {a, bt, at::zeros({3, 8})}}),
                c10::Error);
-  EXPECT_THROW(SparseLoraAdd(out, x, a, bt, slots.to(at::kInt), at::zeros({2, 1})), c10::Error);
 }
 
 }  // namespace
