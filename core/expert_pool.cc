@@ -348,9 +348,9 @@ bool MixtureDelta::UsesSparsePath(int64_t experts, int64_t experts_per_token, in
   // The dense path reads every expert's rows once in a few kernels; the sparse path launches
   // more kernels and reads each token's experts' rows per token. Measured on gemma-2b (H100),
   // sparse wins where each token picks at most a sixteenth of the experts and the step's pairs
-  // are at most a quarter of them (top-2 of 64: up to 8 tokens; docs/BENCHMARKS.md).
+  // are at most half of them (top-2 of 64: up to 16 tokens; docs/BENCHMARKS.md).
   return experts_per_token >= 1 && experts_per_token <= kMaxSparseExpertsPerToken &&
-         experts_per_token * 16 <= experts && tokens * experts_per_token * 4 <= experts &&
+         experts_per_token * 16 <= experts && tokens * experts_per_token * 2 <= experts &&
          tokens <= kMaxSparseTokens;
 }
 

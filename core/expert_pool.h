@@ -187,8 +187,8 @@ class MixtureDelta : public LinearDelta {
                at::Tensor weights, int64_t experts_per_token = 0);
   // Whether a step of `tokens` tokens over `experts` experts, at most experts_per_token non-zero
   // weights a token, takes the sparse path: a decode step's few tokens, each on at most a
-  // sixteenth of the experts, and the step's (token, expert) pairs at most a quarter of them
-  // (past either, the dense path's few kernels are faster).
+  // sixteenth of the experts, and the step's (token, expert) pairs at most half of them (past
+  // either, the dense path's few kernels are faster).
   static bool UsesSparsePath(int64_t experts, int64_t experts_per_token, int64_t tokens);
   bool sparse() const { return route_slots_.defined(); }
   at::Tensor Apply(const ProjectionId& id, const at::Tensor& x,

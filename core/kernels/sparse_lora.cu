@@ -7,14 +7,17 @@
 // for one pair; each warp takes a batch of 4 rank rows at a time, its lanes loading every pack of
 // the batch (8 × 16 bytes) before any product, then one shuffle reduction per row. Partial sums
 // go to the workspace [target][split][pair][rank] in fp32 (no atomics: a fixed order).
-// Expand, grid (column tiles of every target, tokens): a block of 4 warps first reads its token's
-// slots and weights and issues its first loads of Bᵀ, then adds up the splits of the token's
-// pairs and rounds them (round(round(s)·round(w)), as the dense path's GEMM and multiply round)
-// into shared memory while those loads are in flight. Bᵀ with unit column stride: a tile is 256
+// Expand, grid (tokens, column tiles of every target): a block of 4 warps first issues every load
+// that needs nothing else (its token's slots and weights, the shrink's split sums, its outputs),
+// then, after one barrier, its first loads of Bᵀ, and rounds the sums (round(round(s)·round(w)),
+// as the dense path's GEMM and multiply round) into shared memory while those are in flight. Bᵀ with unit column stride: a tile is 256
 // columns, each lane 8 of them (16-byte packs), the warps splitting the k·R rows and adding their
 // sums in shared memory in a fixed order. Bᵀ in a column room (unit row stride): a tile is 128
 // columns, one a thread, each column's rank rows read in 16-byte packs. Each output is rounded
 // once. A pair of weight 0 reads nothing in either kernel.
+// Index math is 32-bit and divides by the runtime rank at most once a batch (the cursors below):
+// with 64-bit divisions (~70 instructions each) a first version issued ~1600 instructions a warp
+// and took 11 µs (31 µs for gate/up at batch 8), bound by issue latency, not memory.
 
 #include <cstdint>
 #include <type_traits>
@@ -50,35 +53,35 @@ __device__ __forceinline__ Pack<T, kVec> LoadPack(const T* p) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) SparseShrinkKernel(const SparseLoraArgs args) {
-  const int64_t pair = blockIdx.x;
+  const int pair = blockIdx.x;
   if (args.weights[pair] == 0.0f) return;  // the expand reads nothing of this pair
   const SparseLoraTarget& target = args.targets[blockIdx.z];
-  const int64_t pairs = args.tokens * args.experts_per_token;
-  const int64_t splits = gridDim.y, split = blockIdx.y;
-  const int64_t token = pair / args.experts_per_token;
+  const int pairs = gridDim.x, splits = gridDim.y, split = blockIdx.y;
+  const int token = pair / static_cast<int>(args.experts_per_token);
   const int64_t begin = split * kSplitElements;
-  const int64_t count = min(kSplitElements, args.in - begin);
+  const int count = static_cast<int>(min(kSplitElements, args.in - begin));
   const T* x = static_cast<const T*>(args.x.data) + token * args.x.row_stride + begin;
   const T* a =
       static_cast<const T*>(target.a.data) + args.slots[pair] * target.a.slot_stride + begin;
-  float* partial = args.workspace + ((blockIdx.z * splits + split) * pairs + pair) * args.rank;
+  const int rank = static_cast<int>(args.rank);
+  float* partial = args.workspace + ((blockIdx.z * splits + split) * pairs + pair) * rank;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
 
   Pack<T, kVec> xs[kPacksPerLane];
   bool valid[kPacksPerLane];
 #pragma unroll
   for (int p = 0; p < kPacksPerLane; ++p) {
-    const int64_t e = (lane + p * kWarpSize) * kVec;
+    const int e = (lane + p * kWarpSize) * kVec;
     valid[p] = e < count;
     if (valid[p]) xs[p] = LoadPack(x + e);
   }
-  for (int64_t r0 = warp * kRowBatch; r0 < args.rank; r0 += kWarps * kRowBatch) {
+  for (int r0 = warp * kRowBatch; r0 < rank; r0 += kWarps * kRowBatch) {
     Pack<T, kVec> rows[kRowBatch][kPacksPerLane];
 #pragma unroll
     for (int b = 0; b < kRowBatch; ++b) {
 #pragma unroll
       for (int p = 0; p < kPacksPerLane; ++p) {
-        if (r0 + b < args.rank && valid[p]) {
+        if (r0 + b < rank && valid[p]) {
           rows[b][p] = LoadPack(a + (r0 + b) * target.a.row_stride + (lane + p * kWarpSize) * kVec);
         }
       }
@@ -89,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) SparseShrinkKernel(const SparseLoraA
       sums[b] = 0.0f;
 #pragma unroll
       for (int p = 0; p < kPacksPerLane; ++p) {
-        if (r0 + b < args.rank && valid[p]) {
+        if (r0 + b < rank && valid[p]) {
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
             sums[b] += ToFloat(xs[p].values[e]) * ToFloat(rows[b][p].values[e]);
@@ -104,20 +107,20 @@ __global__ void __launch_bounds__(kThreads) SparseShrinkKernel(const SparseLoraA
     if (lane == 0) {
 #pragma unroll
       for (int b = 0; b < kRowBatch; ++b) {
-        if (r0 + b < args.rank) partial[r0 + b] = sums[b];
+        if (r0 + b < rank) partial[r0 + b] = sums[b];
       }
     }
   }
 }
 
 // The expand block's target and its first column, from the tile index over every target's tiles.
-__device__ __forceinline__ int TargetOfTile(const SparseLoraArgs& args, int64_t tile_columns,
-                                            int64_t& first_column) {
-  int64_t tile = blockIdx.x;
+template <int kTileColumns>
+__device__ __forceinline__ int TargetOfTile(const SparseLoraArgs& args, int64_t& first_column) {
+  int tile = blockIdx.y;
   for (int g = 0; g < args.count; ++g) {
-    const int64_t tiles = CeilDiv(args.targets[g].columns, tile_columns);
+    const int tiles = static_cast<int>(args.targets[g].columns + kTileColumns - 1) / kTileColumns;
     if (tile < tiles) {
-      first_column = tile * tile_columns;
+      first_column = tile * kTileColumns;
       return g;
     }
     tile -= tiles;
@@ -125,24 +128,76 @@ __device__ __forceinline__ int TargetOfTile(const SparseLoraArgs& args, int64_t 
   return -1;
 }
 
-// scaled[i], i = j·R + r < k·R: round(round(Σ_splits partials) · round(w_j)) of the block's token
-// and target; 0 for a pair of weight 0.
-template <typename T>
-__device__ __forceinline__ void ScaleShrink(const SparseLoraArgs& args, int target, int64_t splits,
-                                            float* scaled) {
-  const int64_t k = args.experts_per_token, rank = args.rank;
-  const int64_t pairs = args.tokens * k, first_pair = blockIdx.y * k;
-  for (int64_t i = threadIdx.x; i < k * rank; i += kThreads) {
-    const float w = args.weights[first_pair + i / rank];
-    float value = 0.0f;
-    if (w != 0.0f) {
-      const float* partial = args.workspace + (target * splits * pairs + first_pair) * rank + i;
-      float sum = 0.0f;
-#pragma unroll 4
-      for (int64_t s = 0; s < splits; ++s) sum += partial[s * pairs * rank];
-      value = ToFloat(FromFloat<T>(ToFloat(FromFloat<T>(sum)) * ToFloat(FromFloat<T>(w))));
+// The expand's prologue, split in two around a barrier so that its loads (the token's slots and
+// weights, the shrink's split sums, the outputs) are all in flight at once, before the loads of
+// Bᵀ that need the slots. Values i = j·R + r < k·R; `lanes` threads add each value's splits
+// (strided, so their loads go out together), or one thread a value when there are many.
+struct ExpandShared {
+  float scaled[kSparseLoraMaxExpertsPerToken * kSparseLoraMaxRank];
+  float lane_sums[kThreads];
+  int64_t slots[kSparseLoraMaxExpertsPerToken];
+  float weights[kSparseLoraMaxExpertsPerToken];
+};
+
+// log2 of the lanes a value: up to 8, as long as every value's lanes fit in the block.
+__device__ __forceinline__ int SplitSumLanesLog2(int values) {
+  int log2 = 0;
+  while (log2 < 3 && (values << (log2 + 1)) <= kThreads) ++log2;
+  return log2;
+}
+
+// Before the barrier: the routes into shared memory, and each thread's share of the split sums
+// (unrounded) into lane_sums, or into scaled with one lane a value.
+__device__ __forceinline__ void StartPrologue(const SparseLoraArgs& args, int target, int splits,
+                                              int lanes_log2, ExpandShared& shared) {
+  const int k = static_cast<int>(args.experts_per_token), rank = static_cast<int>(args.rank);
+  const int values = k * rank, pairs = static_cast<int>(args.tokens) * k;
+  const int first_pair = blockIdx.x * k;
+  if (threadIdx.x < k) {
+    shared.slots[threadIdx.x] = args.slots[first_pair + threadIdx.x];
+    shared.weights[threadIdx.x] = args.weights[first_pair + threadIdx.x];
+  }
+  // A pair of weight 0 was never written by the shrink: its sums are read but not used.
+  const float* partials = args.workspace + (target * splits * pairs + first_pair) * rank;
+  const int split_stride = pairs * rank;
+  if (lanes_log2 > 0) {
+    const int lanes = 1 << lanes_log2, i = threadIdx.x >> lanes_log2;
+    float sum = 0.0f;
+    if (i < values) {
+#pragma unroll 8
+      for (int s = threadIdx.x & (lanes - 1); s < splits; s += lanes) {
+        sum += partials[s * split_stride + i];
+      }
     }
-    scaled[i] = value;
+    shared.lane_sums[threadIdx.x] = sum;
+  } else {
+    for (int i = threadIdx.x; i < values; i += kThreads) {
+      float sum = 0.0f;
+#pragma unroll 8
+      for (int s = 0; s < splits; ++s) sum += partials[s * split_stride + i];
+      shared.scaled[i] = sum;
+    }
+  }
+}
+
+// After the barrier: scaled[i] = round(round(Σ splits) · round(w_j)), as the dense path's GEMM
+// and multiply round; 0 for a pair of weight 0.
+template <typename T>
+__device__ __forceinline__ void FinishPrologue(const SparseLoraArgs& args, int lanes_log2,
+                                               ExpandShared& shared) {
+  const int rank = static_cast<int>(args.rank);
+  const int values = static_cast<int>(args.experts_per_token) * rank;
+  for (int i = threadIdx.x; i < values; i += kThreads) {
+    float sum = 0.0f;
+    if (lanes_log2 > 0) {
+      for (int l = 0; l < (1 << lanes_log2); ++l) sum += shared.lane_sums[(i << lanes_log2) + l];
+    } else {
+      sum = shared.scaled[i];
+    }
+    const float w = shared.weights[i / rank];
+    shared.scaled[i] =
+        w == 0.0f ? 0.0f
+                  : ToFloat(FromFloat<T>(ToFloat(FromFloat<T>(sum)) * ToFloat(FromFloat<T>(w))));
   }
 }
 
@@ -150,61 +205,72 @@ __device__ __forceinline__ void ScaleShrink(const SparseLoraArgs& args, int targ
 // rows i = w, w + 4, ... of the token's k·R (expert i / R, rank row i % R).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    SparseExpandRowMajorKernel(const SparseLoraArgs args, const int64_t splits) {
-  __shared__ float scaled[kSparseLoraMaxExpertsPerToken * kSparseLoraMaxRank];
+    SparseExpandRowMajorKernel(const SparseLoraArgs args, const int splits) {
+  __shared__ ExpandShared shared;
   __shared__ float sums[kWarps][kRowMajorTile];
   int64_t first_column = 0;
-  const int g = TargetOfTile(args, kRowMajorTile, first_column);
+  const int g = TargetOfTile<kRowMajorTile>(args, first_column);
   const SparseLoraTarget& target = args.targets[g];
-  const int64_t k = args.experts_per_token, rank = args.rank, rows = k * rank;
-  const int64_t first_pair = blockIdx.y * k;
+  const int rank = static_cast<int>(args.rank);
+  const int rows = static_cast<int>(args.experts_per_token) * rank;
+  const int lanes_log2 = SplitSumLanesLog2(rows);
+  StartPrologue(args, g, splits, lanes_log2, shared);
+  // This thread's outputs in the final sum: columns first + threadIdx.x + q·kThreads.
+  constexpr int kOutputs = kRowMajorTile / kThreads;
+  T* out = static_cast<T*>(target.out) + blockIdx.x * target.out_stride + first_column;
+  float outputs[kOutputs];
+#pragma unroll
+  for (int q = 0; q < kOutputs; ++q) {
+    const int c = threadIdx.x + q * kThreads;
+    if (first_column + c < target.columns) outputs[q] = ToFloat(out[c]);
+  }
+  __syncthreads();
+
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int64_t column = first_column + lane * kVec;
   const bool in_range = column < target.columns;
   const T* bt = static_cast<const T*>(target.bt.data) + column;
-  auto load = [&](int64_t i, Pack<T, kVec>& pack) {
-    const int64_t pair = first_pair + i / rank;
-    if (in_range && args.weights[pair] != 0.0f) {
-      pack = LoadPack(bt + args.slots[pair] * target.bt.slot_stride +
-                      (i % rank) * target.bt.row_stride);
-    }
-  };
+  // A batch: rows i = i0 + warp + b·kWarps, b < kLoadBatch; expert j and rank row r of each
+  // followed from the first (rank ≥ 8 > kWarps: a step crosses at most one expert).
   Pack<T, kVec> packs[kLoadBatch];
-#pragma unroll
-  for (int b = 0; b < kLoadBatch; ++b) {
-    const int64_t i = warp + b * kWarps;
-    if (i < rows) load(i, packs[b]);
-  }
-  ScaleShrink<T>(args, g, splits, scaled);
-  __syncthreads();
-  float acc[kVec] = {};
-  for (int64_t i0 = 0; i0 < rows; i0 += kLoadBatch * kWarps) {
-    if (i0 > 0) {
-#pragma unroll
-      for (int b = 0; b < kLoadBatch; ++b) {
-        const int64_t i = i0 + warp + b * kWarps;
-        if (i < rows) load(i, packs[b]);
-      }
-    }
+  auto load_batch = [&](int i0) {
+    int j = (i0 + warp) / rank, r = i0 + warp - j * rank;
 #pragma unroll
     for (int b = 0; b < kLoadBatch; ++b) {
-      const int64_t i = i0 + warp + b * kWarps;
-      if (i < rows && scaled[i] != 0.0f) {
+      if (i0 + warp + b * kWarps < rows && in_range && shared.weights[j] != 0.0f) {
+        packs[b] = LoadPack(bt + shared.slots[j] * target.bt.slot_stride +
+                            static_cast<int64_t>(r) * target.bt.row_stride);
+      }
+      r += kWarps;
+      if (r >= rank) r -= rank, ++j;
+    }
+  };
+  load_batch(0);
+  FinishPrologue<T>(args, lanes_log2, shared);
+  __syncthreads();
+  float acc[kVec] = {};
+  for (int i0 = 0; i0 < rows; i0 += kLoadBatch * kWarps) {
+    if (i0 > 0) load_batch(i0);
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) acc[e] += scaled[i] * ToFloat(packs[b].values[e]);
+    for (int b = 0; b < kLoadBatch; ++b) {
+      const int i = i0 + warp + b * kWarps;
+      if (i < rows && shared.scaled[i] != 0.0f) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[e] += shared.scaled[i] * ToFloat(packs[b].values[e]);
       }
     }
   }
 #pragma unroll
   for (int e = 0; e < kVec; ++e) sums[warp][lane * kVec + e] = acc[e];
   __syncthreads();
-  for (int c = threadIdx.x; c < kRowMajorTile; c += kThreads) {
+#pragma unroll
+  for (int q = 0; q < kOutputs; ++q) {
+    const int c = threadIdx.x + q * kThreads;
     if (first_column + c >= target.columns) break;
     float total = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) total += sums[w][c];
-    T* out = static_cast<T*>(target.out) + blockIdx.y * target.out_stride + first_column + c;
-    *out = FromFloat<T>(ToFloat(*out) + total);
+    out[c] = FromFloat<T>(outputs[q] + total);
   }
 }
 
@@ -212,54 +278,57 @@ __global__ void __launch_bounds__(kThreads)
 // R rows of it in R / 8 packs.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    SparseExpandColumnRoomKernel(const SparseLoraArgs args, const int64_t splits) {
-  __shared__ float scaled[kSparseLoraMaxExpertsPerToken * kSparseLoraMaxRank];
+    SparseExpandColumnRoomKernel(const SparseLoraArgs args, const int splits) {
+  __shared__ ExpandShared shared;
   int64_t first_column = 0;
-  const int g = TargetOfTile(args, kColumnRoomTile, first_column);
+  const int g = TargetOfTile<kColumnRoomTile>(args, first_column);
   const SparseLoraTarget& target = args.targets[g];
-  const int64_t k = args.experts_per_token, rank = args.rank;
-  const int64_t packs_per_expert = rank / kVec, packs_total = k * packs_per_expert;
-  const int64_t first_pair = blockIdx.y * k;
+  const int rank = static_cast<int>(args.rank);
+  const int values = static_cast<int>(args.experts_per_token) * rank;
+  const int lanes_log2 = SplitSumLanesLog2(values);
+  StartPrologue(args, g, splits, lanes_log2, shared);
   const int64_t column = first_column + threadIdx.x;
   const bool in_range = column < target.columns;
+  T* out = static_cast<T*>(target.out) + blockIdx.x * target.out_stride + column;
+  const float output = in_range ? ToFloat(*out) : 0.0f;
+  __syncthreads();
+
+  const int packs_per_expert = rank / kVec, packs_total = values / kVec;
   const T* bt = static_cast<const T*>(target.bt.data) + column * target.bt.column_stride;
-  auto load = [&](int64_t p, Pack<T, kVec>& pack) {
-    const int64_t pair = first_pair + p / packs_per_expert;
-    if (in_range && args.weights[pair] != 0.0f) {
-      pack =
-          LoadPack(bt + args.slots[pair] * target.bt.slot_stride + (p % packs_per_expert) * kVec);
+  // A batch: packs p = p0 + b, b < kLoadBatch, of expert j and pack q of its rows, followed from
+  // the first.
+  Pack<T, kVec> packs[kLoadBatch];
+  auto load_batch = [&](int p0) {
+    int j = p0 / packs_per_expert, q = p0 - j * packs_per_expert;
+#pragma unroll
+    for (int b = 0; b < kLoadBatch; ++b) {
+      if (p0 + b < packs_total && in_range && shared.weights[j] != 0.0f) {
+        packs[b] = LoadPack(bt + shared.slots[j] * target.bt.slot_stride + q * kVec);
+      }
+      if (++q == packs_per_expert) q = 0, ++j;
     }
   };
-  Pack<T, kVec> packs[kLoadBatch];
-#pragma unroll
-  for (int b = 0; b < kLoadBatch; ++b) {
-    if (b < packs_total) load(b, packs[b]);
-  }
-  ScaleShrink<T>(args, g, splits, scaled);
+  load_batch(0);
+  FinishPrologue<T>(args, lanes_log2, shared);
   __syncthreads();
   if (!in_range) return;
   float acc = 0.0f;
-  for (int64_t p0 = 0; p0 < packs_total; p0 += kLoadBatch) {
-    if (p0 > 0) {
-#pragma unroll
-      for (int b = 0; b < kLoadBatch; ++b) {
-        if (p0 + b < packs_total) load(p0 + b, packs[b]);
-      }
-    }
+  for (int p0 = 0; p0 < packs_total; p0 += kLoadBatch) {
+    if (p0 > 0) load_batch(p0);
+    int j = p0 / packs_per_expert, q = p0 - j * packs_per_expert;
 #pragma unroll
     for (int b = 0; b < kLoadBatch; ++b) {
-      const int64_t p = p0 + b;
-      if (p < packs_total) {
-        const float* s = scaled + p * kVec;  // p·8 = j·R + (p % (R/8))·8
-        if (args.weights[first_pair + p / packs_per_expert] != 0.0f) {
+      const int p = p0 + b;
+      // A pair of weight 0 loaded nothing.
+      if (p < packs_total && shared.weights[j] != 0.0f) {
+        const float* s = shared.scaled + p * kVec;  // p·8 = j·R + q·8
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) acc += s[e] * ToFloat(packs[b].values[e]);
-        }
+        for (int e = 0; e < kVec; ++e) acc += s[e] * ToFloat(packs[b].values[e]);
       }
+      if (++q == packs_per_expert) q = 0, ++j;
     }
   }
-  T* out = static_cast<T*>(target.out) + blockIdx.y * target.out_stride + column;
-  *out = FromFloat<T>(ToFloat(*out) + acc);
+  *out = FromFloat<T>(output + acc);
 }
 
 bool InColumnRoom(const SlotStack& bt) { return bt.column_stride != 1 && bt.row_stride == 1; }
@@ -303,7 +372,7 @@ bool SparseLoraTakes(const SparseLoraArgs& args) {
 
 cudaError_t LaunchSparseLora(const SparseLoraArgs& args, cudaStream_t stream) {
   if (!SparseLoraTakes(args) || args.workspace == nullptr) return cudaErrorInvalidValue;
-  const int64_t splits = CeilDiv(args.in, kSplitElements);
+  const int splits = static_cast<int>(CeilDiv(args.in, kSplitElements));
   const bool column_room = InColumnRoom(args.targets[0].bt);
   int64_t tiles = 0;
   for (int g = 0; g < args.count; ++g) {
@@ -318,7 +387,9 @@ cudaError_t LaunchSparseLora(const SparseLoraArgs& args, cudaStream_t stream) {
                              static_cast<unsigned>(splits), static_cast<unsigned>(args.count));
       SparseShrinkKernel<T><<<shrink_grid, kThreads, 0, stream>>>(args);
       if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
-      const dim3 expand_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(args.tokens));
+      // Tokens vary fastest: the blocks that run together read the same rows of Bᵀ (their
+      // experts' chunks of one room row lie close together).
+      const dim3 expand_grid(static_cast<unsigned>(args.tokens), static_cast<unsigned>(tiles));
       if (column_room) {
         SparseExpandColumnRoomKernel<T><<<expand_grid, kThreads, 0, stream>>>(args, splits);
       } else {

@@ -142,7 +142,7 @@ TEST_F(MixtureTest, FewExpertsATokenTakeTheSparsePathWithTheDenseResult) {
   EXPECT_TRUE(MixtureDelta(*pool_, snapshot, weights, 1).sparse());
   EXPECT_FALSE(MixtureDelta(*pool_, snapshot, weights, 2).sparse());  // an eighth each: dense
   EXPECT_FALSE(MixtureDelta(*pool_, snapshot, weights).sparse());
-  EXPECT_FALSE(MixtureDelta(*pool_, snapshot, at::zeros({5, 16}), 1).sparse());  // 5 pairs
+  EXPECT_FALSE(MixtureDelta(*pool_, snapshot, at::zeros({9, 16}), 1).sparse());  // 9 pairs
 
   auto cache = model_->CreateKvCache(4, 32);
   auto sparse =
