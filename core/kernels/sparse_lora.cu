@@ -7,10 +7,11 @@
 // for one pair; each warp takes a batch of 4 rank rows at a time, its lanes loading every pack of
 // the batch (8 × 16 bytes) before any product, then one shuffle reduction per row. Partial sums
 // go to the workspace [target][split][pair][rank] in fp32 (no atomics: a fixed order).
-// Expand, grid (tokens, column tiles of every target): a block of 4 warps first issues every load
-// that needs nothing else (its token's slots and weights, the shrink's split sums, its outputs),
-// then, after one barrier, its first loads of Bᵀ, and rounds the sums (round(round(s)·round(w)),
-// as the dense path's GEMM and multiply round) into shared memory while those are in flight. Bᵀ with unit column stride: a tile is 256
+// Expand, grid (tokens, column tiles of every target), launched programmatically dependent on the
+// shrink (it starts while the shrink runs): a block of 4 warps first loads its token's routes and
+// its outputs, then, after one barrier, its first loads of Bᵀ; only then does it wait for the
+// shrink, add up the split sums and round them (round(round(s)·round(w)), as the dense path's
+// GEMM and multiply round) into shared memory. Bᵀ with unit column stride: a tile is 256
 // columns, each lane 8 of them (16-byte packs), the warps splitting the k·R rows and adding their
 // sums in shared memory in a fixed order. Bᵀ in a column room (unit row stride): a tile is 128
 // columns, one a thread, each column's rank rows read in 16-byte packs. Each output is rounded
@@ -51,8 +52,20 @@ __device__ __forceinline__ Pack<T, kVec> LoadPack(const T* p) {
   return pack;
 }
 
+// Programmatic dependent launch (sm_90): the shrink lets its expand launch at once, and the
+// expand waits for the shrink's results only where it reads them, so the expand's launch and its
+// loads of routes, outputs and Bᵀ overlap the shrink. Without the launch attribute both are
+// no-ops.
+__device__ __forceinline__ void LaunchDependents() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+__device__ __forceinline__ void WaitForPrerequisites() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) SparseShrinkKernel(const SparseLoraArgs args) {
+  LaunchDependents();
   const int pair = blockIdx.x;
   if (args.weights[pair] == 0.0f) return;  // the expand reads nothing of this pair
   const SparseLoraTarget& target = args.targets[blockIdx.z];
@@ -128,10 +141,10 @@ __device__ __forceinline__ int TargetOfTile(const SparseLoraArgs& args, int64_t&
   return -1;
 }
 
-// The expand's prologue, split in two around a barrier so that its loads (the token's slots and
-// weights, the shrink's split sums, the outputs) are all in flight at once, before the loads of
-// Bᵀ that need the slots. Values i = j·R + r < k·R; `lanes` threads add each value's splits
-// (strided, so their loads go out together), or one thread a value when there are many.
+// The expand's prologue: the token's routes and outputs, then (the loads of Bᵀ in flight) the
+// shrink's split sums, then their rounding. Values i = j·R + r < k·R; `lanes` threads add each
+// value's splits (strided, so their loads go out together), or one thread a value when there are
+// many.
 struct ExpandShared {
   float scaled[kSparseLoraMaxExpertsPerToken * kSparseLoraMaxRank];
   float lane_sums[kThreads];
@@ -146,17 +159,22 @@ __device__ __forceinline__ int SplitSumLanesLog2(int values) {
   return log2;
 }
 
-// Before the barrier: the routes into shared memory, and each thread's share of the split sums
+// The token's slots and weights into shared memory (before a barrier).
+__device__ __forceinline__ void StoreRoutes(const SparseLoraArgs& args, ExpandShared& shared) {
+  const int k = static_cast<int>(args.experts_per_token);
+  if (threadIdx.x < k) {
+    shared.slots[threadIdx.x] = args.slots[blockIdx.x * k + threadIdx.x];
+    shared.weights[threadIdx.x] = args.weights[blockIdx.x * k + threadIdx.x];
+  }
+}
+
+// After WaitForPrerequisites, before a barrier: each thread's share of the split sums
 // (unrounded) into lane_sums, or into scaled with one lane a value.
-__device__ __forceinline__ void StartPrologue(const SparseLoraArgs& args, int target, int splits,
-                                              int lanes_log2, ExpandShared& shared) {
+__device__ __forceinline__ void SumSplits(const SparseLoraArgs& args, int target, int splits,
+                                          int lanes_log2, ExpandShared& shared) {
   const int k = static_cast<int>(args.experts_per_token), rank = static_cast<int>(args.rank);
   const int values = k * rank, pairs = static_cast<int>(args.tokens) * k;
   const int first_pair = blockIdx.x * k;
-  if (threadIdx.x < k) {
-    shared.slots[threadIdx.x] = args.slots[first_pair + threadIdx.x];
-    shared.weights[threadIdx.x] = args.weights[first_pair + threadIdx.x];
-  }
   // A pair of weight 0 was never written by the shrink: its sums are read but not used.
   const float* partials = args.workspace + (target * splits * pairs + first_pair) * rank;
   const int split_stride = pairs * rank;
@@ -214,7 +232,7 @@ __global__ void __launch_bounds__(kThreads)
   const int rank = static_cast<int>(args.rank);
   const int rows = static_cast<int>(args.experts_per_token) * rank;
   const int lanes_log2 = SplitSumLanesLog2(rows);
-  StartPrologue(args, g, splits, lanes_log2, shared);
+  StoreRoutes(args, shared);
   // This thread's outputs in the final sum: columns first + threadIdx.x + q·kThreads.
   constexpr int kOutputs = kRowMajorTile / kThreads;
   T* out = static_cast<T*>(target.out) + blockIdx.x * target.out_stride + first_column;
@@ -246,6 +264,9 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
   load_batch(0);
+  WaitForPrerequisites();
+  SumSplits(args, g, splits, lanes_log2, shared);
+  __syncthreads();
   FinishPrologue<T>(args, lanes_log2, shared);
   __syncthreads();
   float acc[kVec] = {};
@@ -286,7 +307,7 @@ __global__ void __launch_bounds__(kThreads)
   const int rank = static_cast<int>(args.rank);
   const int values = static_cast<int>(args.experts_per_token) * rank;
   const int lanes_log2 = SplitSumLanesLog2(values);
-  StartPrologue(args, g, splits, lanes_log2, shared);
+  StoreRoutes(args, shared);
   const int64_t column = first_column + threadIdx.x;
   const bool in_range = column < target.columns;
   T* out = static_cast<T*>(target.out) + blockIdx.x * target.out_stride + column;
@@ -309,6 +330,9 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
   load_batch(0);
+  WaitForPrerequisites();
+  SumSplits(args, g, splits, lanes_log2, shared);
+  __syncthreads();
   FinishPrologue<T>(args, lanes_log2, shared);
   __syncthreads();
   if (!in_range) return;
@@ -389,13 +413,18 @@ cudaError_t LaunchSparseLora(const SparseLoraArgs& args, cudaStream_t stream) {
       if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
       // Tokens vary fastest: the blocks that run together read the same rows of Bᵀ (their
       // experts' chunks of one room row lie close together).
-      const dim3 expand_grid(static_cast<unsigned>(args.tokens), static_cast<unsigned>(tiles));
-      if (column_room) {
-        SparseExpandColumnRoomKernel<T><<<expand_grid, kThreads, 0, stream>>>(args, splits);
-      } else {
-        SparseExpandRowMajorKernel<T><<<expand_grid, kThreads, 0, stream>>>(args, splits);
-      }
-      return cudaGetLastError();
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(static_cast<unsigned>(args.tokens), static_cast<unsigned>(tiles));
+      config.blockDim = dim3(kThreads);
+      config.stream = stream;
+      cudaLaunchAttribute overlap = {};
+      overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      overlap.val.programmaticStreamSerializationAllowed = 1;
+      config.attrs = &overlap;
+      config.numAttrs = 1;
+      return column_room
+                 ? cudaLaunchKernelEx(&config, SparseExpandColumnRoomKernel<T>, args, splits)
+                 : cudaLaunchKernelEx(&config, SparseExpandRowMajorKernel<T>, args, splits);
     }
   });
 }

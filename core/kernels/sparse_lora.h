@@ -72,7 +72,8 @@ bool SparseLoraTakes(const SparseLoraArgs& args);
 //   out[t][c] = round(out[t][c] + Σ_j Σ_r round(round(x_t·A_{slot(t,j)}[r]) · round(w[t][j]))
 //                                            · Bᵀ_{slot(t,j)}[r][c])
 // (round: to the element type; sums in fp32). A pair whose weight is 0 reads nothing. Outputs
-// must not overlap each other or the inputs. Two kernels on `stream` (CUDA-graph capturable);
+// must not overlap each other or the inputs. Two kernels on `stream`, the second launched
+// programmatically dependent on the first (its start overlaps the first; CUDA-graph capturable);
 // returns the launch error, if any; cudaErrorInvalidValue when !SparseLoraTakes(args) or
 // without a workspace.
 cudaError_t LaunchSparseLora(const SparseLoraArgs& args, cudaStream_t stream);
