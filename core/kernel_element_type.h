@@ -31,11 +31,16 @@ inline std::optional<kernels::ElementType> KernelElementType(at::ScalarType dtyp
 // A 2-D view's columns are contiguous (any row stride): how our kernels take their matrices.
 inline bool ColumnsContiguous(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; }
 
-// t is a matrix a kernel can take beside `like`: 2-D, contiguous columns, like's device and
-// dtype, nothing autograd records.
+// t is an operand a kernel can take beside `like` (any layout): like's CUDA device and dtype,
+// nothing autograd records.
+inline bool KernelOperand(const at::Tensor& t, const at::Tensor& like) {
+  return t.is_cuda() && t.device() == like.device() && t.scalar_type() == like.scalar_type() &&
+         !t.requires_grad();
+}
+
+// t is a matrix a kernel can take beside `like`: 2-D, contiguous columns, a KernelOperand.
 inline bool KernelMatrix(const at::Tensor& t, const at::Tensor& like) {
-  return t.dim() == 2 && ColumnsContiguous(t) && t.is_cuda() && t.device() == like.device() &&
-         t.scalar_type() == like.scalar_type() && !t.requires_grad();
+  return t.dim() == 2 && ColumnsContiguous(t) && KernelOperand(t, like);
 }
 
 }  // namespace moelora

@@ -22,11 +22,6 @@ kernels::SlotStack Stack(const at::Tensor& t) {
   return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-bool OnDeviceOf(const at::Tensor& t, const at::Tensor& like) {
-  return t.is_cuda() && t.device() == like.device() && t.scalar_type() == like.scalar_type() &&
-         !t.requires_grad();
-}
-
 // Runs the kernels when they take the operands: few tokens of bf16 or fp16 on one CUDA device,
 // 16-byte packs, no autograd. Returns false (nothing done) otherwise.
 bool TryKernels(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& weights,
@@ -52,8 +47,8 @@ bool TryKernels(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& 
   args.slots = dense_slots.data_ptr<int64_t>();
   args.weights = dense_weights.data_ptr<float>();
   for (const SparseLoraTarget& target : targets) {
-    if (!KernelMatrix(target.out, x) || !OnDeviceOf(target.a_stack, x) ||
-        !OnDeviceOf(target.bt_stack, x) || target.a_stack.size(1) != args.rank) {
+    if (!KernelMatrix(target.out, x) || !KernelOperand(target.a_stack, x) ||
+        !KernelOperand(target.bt_stack, x) || target.a_stack.size(1) != args.rank) {
       return false;
     }
     args.targets[args.count++] = {.a = Stack(target.a_stack),

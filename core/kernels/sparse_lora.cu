@@ -219,6 +219,20 @@ __device__ __forceinline__ void FinishPrologue(const SparseLoraArgs& args, int l
   }
 }
 
+// The part of the expand's prologue that needs the shrink: waits for it, then rounds its split
+// sums into shared.scaled (two barriers).
+template <typename T>
+__device__ __forceinline__ void ScaleSplitSums(const SparseLoraArgs& args, int target, int splits,
+                                               ExpandShared& shared) {
+  const int lanes_log2 =
+      SplitSumLanesLog2(static_cast<int>(args.experts_per_token) * static_cast<int>(args.rank));
+  WaitForPrerequisites();
+  SumSplits(args, target, splits, lanes_log2, shared);
+  __syncthreads();
+  FinishPrologue<T>(args, lanes_log2, shared);
+  __syncthreads();
+}
+
 // Bᵀ with unit column stride: lane l of every warp takes columns first + 8l .. +8; warp w the
 // rows i = w, w + 4, ... of the token's k·R (expert i / R, rank row i % R).
 template <typename T>
@@ -231,7 +245,6 @@ __global__ void __launch_bounds__(kThreads)
   const SparseLoraTarget& target = args.targets[g];
   const int rank = static_cast<int>(args.rank);
   const int rows = static_cast<int>(args.experts_per_token) * rank;
-  const int lanes_log2 = SplitSumLanesLog2(rows);
   StoreRoutes(args, shared);
   // This thread's outputs in the final sum: columns first + threadIdx.x + q·kThreads.
   constexpr int kOutputs = kRowMajorTile / kThreads;
@@ -264,11 +277,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
   load_batch(0);
-  WaitForPrerequisites();
-  SumSplits(args, g, splits, lanes_log2, shared);
-  __syncthreads();
-  FinishPrologue<T>(args, lanes_log2, shared);
-  __syncthreads();
+  ScaleSplitSums<T>(args, g, splits, shared);
   float acc[kVec] = {};
   for (int i0 = 0; i0 < rows; i0 += kLoadBatch * kWarps) {
     if (i0 > 0) load_batch(i0);
@@ -306,7 +315,6 @@ __global__ void __launch_bounds__(kThreads)
   const SparseLoraTarget& target = args.targets[g];
   const int rank = static_cast<int>(args.rank);
   const int values = static_cast<int>(args.experts_per_token) * rank;
-  const int lanes_log2 = SplitSumLanesLog2(values);
   StoreRoutes(args, shared);
   const int64_t column = first_column + threadIdx.x;
   const bool in_range = column < target.columns;
@@ -330,11 +338,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
   load_batch(0);
-  WaitForPrerequisites();
-  SumSplits(args, g, splits, lanes_log2, shared);
-  __syncthreads();
-  FinishPrologue<T>(args, lanes_log2, shared);
-  __syncthreads();
+  ScaleSplitSums<T>(args, g, splits, shared);
   if (!in_range) return;
   float acc = 0.0f;
   for (int p0 = 0; p0 < packs_total; p0 += kLoadBatch) {
