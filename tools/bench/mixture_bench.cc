@@ -37,8 +37,8 @@ ABSL_FLAG(std::string, decode_ks, "8", "expert counts K for decode");
 ABSL_FLAG(std::string, decode_batches, "1,8,32,64", "decode batch sizes");
 ABSL_FLAG(int64_t, decode_top_k, 0,
           "decode: also time each K above this with top-k routing (this many experts a token, "
-          "chosen afresh each step: the sparse path where K is at least 4x this); 0: uniform "
-          "weights over all K only");
+          "chosen afresh each step; the sparse path where MixtureDelta::UsesSparsePath takes "
+          "it); 0: uniform weights over all K only");
 ABSL_FLAG(bool, projections, true, "also time single projections (base, fused, widened)");
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda");
 ABSL_FLAG(bool, adapter_room, true,
@@ -345,6 +345,7 @@ void BM_Decode(benchmark::State& state, int64_t batch, int k, int64_t top_k, boo
     Check(s.model->Forward(chunk, *cache).status());
   }
   const auto snapshot = k > 0 ? FirstExperts(k) : nullptr;
+  at::Tensor weights = StepWeights(batch, k, top_k, 0);
   DecodeGraphs decode_graphs(*s.model, *cache,
                              {.max_batch = batch, .current_snapshot_only = false});
   DecodeGraphs* use = graphs ? &decode_graphs : nullptr;
@@ -352,10 +353,13 @@ void BM_Decode(benchmark::State& state, int64_t batch, int k, int64_t top_k, boo
   int64_t iteration = 0;
   for (auto _ : state) {
     for (int64_t b = 0; b < batch; ++b) step[b].tokens[0] = (b * 31 + iteration * 7) % vocab;
-    // Made outside the timing: the engine's router writes them as part of routing.
-    state.PauseTiming();
-    const at::Tensor weights = StepWeights(batch, k, top_k, iteration);
-    state.ResumeTiming();
+    if (top_k > 0 && iteration > 0) {
+      // New experts every step, made outside the timing: the engine's router writes them as part
+      // of routing. Uniform weights stay as they are.
+      state.PauseTiming();
+      weights = StepWeights(batch, k, top_k, iteration);
+      state.ResumeTiming();
+    }
     ++iteration;
     absl::StatusOr<ForwardOutput> out =
         k > 0
