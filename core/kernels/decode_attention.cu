@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "core/kernels/decode_attention.h"
+#include "core/kernels/dependent_launch.cuh"
 #include "core/kernels/element.cuh"
 #include "core/kernels/ptx.cuh"
 
@@ -134,6 +135,7 @@ __global__ void __launch_bounds__(kThreads, 3) DecodeAttentionKernel(DecodeAtten
   extern __shared__ uint4 dynamic_shared[];
   __shared__ float warp_max[kWarps][kMaxGroups];
   __shared__ float warp_sum[kWarps][kMaxGroups];
+  AwaitPrerequisitesThenAllowDependents();
 
   const int seq = blockIdx.x, kv = blockIdx.y, split = blockIdx.z;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -336,6 +338,7 @@ __global__ void __launch_bounds__(kThreads, 3) DecodeAttentionKernel(DecodeAtten
 // splits' partials.
 template <typename T>
 __global__ void MergeSplitsKernel(DecodeAttentionArgs args) {
+  AwaitPrerequisitesThenAllowDependents();
   const int64_t head = static_cast<int64_t>(blockIdx.x);  // seq * heads + h
   const int d = threadIdx.x;
   const int64_t partials = args.seqs * args.heads * args.splits;
@@ -366,11 +369,13 @@ cudaError_t LaunchKernels(const DecodeAttentionArgs& args, cudaStream_t stream) 
   }
   const dim3 grid(static_cast<unsigned>(args.seqs), static_cast<unsigned>(args.kv_heads),
                   static_cast<unsigned>(args.splits));
-  kernel<<<grid, kThreads, kShared, stream>>>(args);
-  if (args.splits > 1) {
-    MergeSplitsKernel<T><<<static_cast<unsigned>(args.seqs * args.heads), kDim, 0, stream>>>(args);
+  if (const cudaError_t error =
+          LaunchDependent(kernel, grid, dim3(kThreads), kShared, stream, args);
+      error != cudaSuccess || args.splits == 1) {
+    return error;
   }
-  return cudaGetLastError();
+  return LaunchDependent(MergeSplitsKernel<T>, dim3(static_cast<unsigned>(args.seqs * args.heads)),
+                         dim3(kDim), 0, stream, args);
 }
 
 // The grouping as a template argument, so the query loads and the merge unroll without checks.

@@ -1,5 +1,6 @@
 #include <cstdint>
 
+#include "core/kernels/dependent_launch.cuh"
 #include "core/kernels/element.cuh"
 #include "core/kernels/rms_norm.h"
 
@@ -39,6 +40,12 @@ __global__ void __launch_bounds__(kThreads) RmsNormKernel(RmsNormArgs args) {
   const bool has_copy = args.out_copy != nullptr;
   const W* weight = static_cast<const W*>(args.weight);
   const bool has_residual = args.residual != nullptr;
+  // The weight is the only input ready before the kernel before this one ends
+  // (dependent_launch.cuh).
+  for (int64_t c = static_cast<int64_t>(threadIdx.x) * kVec; c < cols; c += kThreads * kVec) {
+    PrefetchToL2(weight + c);
+  }
+  AwaitPrerequisitesThenAllowDependents();
   float squares = 0.0f;
   for (int64_t c = static_cast<int64_t>(threadIdx.x) * kVec; c < cols; c += kThreads * kVec) {
     P p = *reinterpret_cast<const P*>(row + c);
@@ -71,8 +78,8 @@ __global__ void __launch_bounds__(kThreads) RmsNormKernel(RmsNormArgs args) {
 
 template <typename T, typename W, int kVec>
 cudaError_t LaunchWith(const RmsNormArgs& args, cudaStream_t stream) {
-  RmsNormKernel<T, W, kVec><<<static_cast<unsigned>(args.rows), kThreads, 0, stream>>>(args);
-  return cudaGetLastError();
+  return LaunchDependent(RmsNormKernel<T, W, kVec>, dim3(static_cast<unsigned>(args.rows)),
+                         dim3(kThreads), 0, stream, args);
 }
 
 template <typename T, typename W>

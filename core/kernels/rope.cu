@@ -1,5 +1,6 @@
 #include <cstdint>
 
+#include "core/kernels/dependent_launch.cuh"
 #include "core/kernels/element.cuh"
 #include "core/kernels/rope.h"
 
@@ -34,6 +35,7 @@ __device__ __forceinline__ void Rotate(const T* x, const T* cos, const T* sin, i
 // block per token looped over every pair and left a decode step's few tokens on a few SMs.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) RopeKernel(RopeArgs args) {
+  AwaitPrerequisitesThenAllowDependents();
   const int64_t t = blockIdx.x;
   const int half = static_cast<int>(args.head_dim / 2);
   const int query_pairs = static_cast<int>(args.heads) * half;
@@ -69,8 +71,7 @@ cudaError_t Launch(const RopeArgs& args, cudaStream_t stream) {
   const int64_t pairs = (args.heads + 2 * args.kv_heads) * (args.head_dim / 2);
   const dim3 grid(static_cast<unsigned>(args.tokens),
                   static_cast<unsigned>((pairs + kThreads - 1) / kThreads));
-  RopeKernel<T><<<grid, kThreads, 0, stream>>>(args);
-  return cudaGetLastError();
+  return LaunchDependent(RopeKernel<T>, grid, dim3(kThreads), 0, stream, args);
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/kernels/dependent_launch.cuh"
 #include "core/kernels/element.cuh"
 #include "core/kernels/row_strided.h"
 
@@ -46,6 +47,7 @@ template <typename T, int kVec, BinaryOp kOp>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     RowStridedBinaryKernel(int64_t rows, int64_t packs_per_row, T* out, int64_t out_stride,
                            const T* a, int64_t a_stride, const T* b, int64_t b_stride) {
+  AwaitPrerequisitesThenAllowDependents();
   using P = Pack<T, kVec>;
   const int64_t packs = rows * packs_per_row;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < packs;
@@ -71,11 +73,10 @@ cudaError_t Launch(int64_t rows, int64_t cols, RowStridedOperand out, RowStrided
   const int64_t packs = rows * packs_per_row;
   const int64_t blocks =
       std::min<int64_t>((packs + kThreadsPerBlock - 1) / kThreadsPerBlock, kMaxBlocks);
-  RowStridedBinaryKernel<T, kVec, kOp>
-      <<<static_cast<unsigned>(blocks), kThreadsPerBlock, 0, stream>>>(
-          rows, packs_per_row, static_cast<T*>(out.data), out.row_stride,
-          static_cast<const T*>(a.data), a.row_stride, static_cast<const T*>(b.data), b.row_stride);
-  return cudaGetLastError();
+  return LaunchDependent(RowStridedBinaryKernel<T, kVec, kOp>, dim3(static_cast<unsigned>(blocks)),
+                         dim3(kThreadsPerBlock), 0, stream, rows, packs_per_row,
+                         static_cast<T*>(out.data), out.row_stride, static_cast<const T*>(a.data),
+                         a.row_stride, static_cast<const T*>(b.data), b.row_stride);
 }
 
 template <typename T, BinaryOp kOp>

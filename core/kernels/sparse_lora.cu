@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "core/kernels/dependent_launch.cuh"
 #include "core/kernels/element.cuh"
 #include "core/kernels/sparse_lora.h"
 
@@ -52,20 +53,8 @@ __device__ __forceinline__ Pack<T, kVec> LoadPack(const T* p) {
   return pack;
 }
 
-// Programmatic dependent launch (sm_90): the shrink lets its expand launch at once, and the
-// expand waits for the shrink's results only where it reads them, so the expand's launch and its
-// loads of routes, outputs and Bᵀ overlap the shrink. Without the launch attribute both are
-// no-ops.
-__device__ __forceinline__ void LaunchDependents() {
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
-__device__ __forceinline__ void WaitForPrerequisites() {
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads) SparseShrinkKernel(const SparseLoraArgs args) {
-  LaunchDependents();
   const int pair = blockIdx.x;
   if (args.weights[pair] == 0.0f) return;  // the expand reads nothing of this pair
   const SparseLoraTarget& target = args.targets[blockIdx.z];
@@ -80,16 +69,11 @@ __global__ void __launch_bounds__(kThreads) SparseShrinkKernel(const SparseLoraA
   float* partial = args.workspace + ((blockIdx.z * splits + split) * pairs + pair) * rank;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
 
-  Pack<T, kVec> xs[kPacksPerLane];
   bool valid[kPacksPerLane];
 #pragma unroll
-  for (int p = 0; p < kPacksPerLane; ++p) {
-    const int e = (lane + p * kWarpSize) * kVec;
-    valid[p] = e < count;
-    if (valid[p]) xs[p] = LoadPack(x + e);
-  }
-  for (int r0 = warp * kRowBatch; r0 < rank; r0 += kWarps * kRowBatch) {
-    Pack<T, kVec> rows[kRowBatch][kPacksPerLane];
+  for (int p = 0; p < kPacksPerLane; ++p) valid[p] = (lane + p * kWarpSize) * kVec < count;
+  Pack<T, kVec> rows[kRowBatch][kPacksPerLane];
+  auto load_rows = [&](int r0) {
 #pragma unroll
     for (int b = 0; b < kRowBatch; ++b) {
 #pragma unroll
@@ -99,6 +83,19 @@ __global__ void __launch_bounds__(kThreads) SparseShrinkKernel(const SparseLoraA
         }
       }
     }
+  };
+  // A is a weight, and the routes were written before the kernel before this one: the first
+  // batch of A's rows is loaded while that kernel (the GEMM beside which x was read) finishes
+  // (dependent_launch.cuh); x once it has.
+  load_rows(warp * kRowBatch);
+  AwaitPrerequisitesThenAllowDependents();
+  Pack<T, kVec> xs[kPacksPerLane];
+#pragma unroll
+  for (int p = 0; p < kPacksPerLane; ++p) {
+    if (valid[p]) xs[p] = LoadPack(x + (lane + p * kWarpSize) * kVec);
+  }
+  for (int r0 = warp * kRowBatch; r0 < rank; r0 += kWarps * kRowBatch) {
+    if (r0 != warp * kRowBatch) load_rows(r0);
     float sums[kRowBatch];
 #pragma unroll
     for (int b = 0; b < kRowBatch; ++b) {
@@ -168,7 +165,7 @@ __device__ __forceinline__ void StoreRoutes(const SparseLoraArgs& args, ExpandSh
   }
 }
 
-// After WaitForPrerequisites, before a barrier: each thread's share of the split sums
+// After AwaitPrerequisites, before a barrier: each thread's share of the split sums
 // (unrounded) into lane_sums, or into scaled with one lane a value.
 __device__ __forceinline__ void SumSplits(const SparseLoraArgs& args, int target, int splits,
                                           int lanes_log2, ExpandShared& shared) {
@@ -226,7 +223,7 @@ __device__ __forceinline__ void ScaleSplitSums(const SparseLoraArgs& args, int t
                                                ExpandShared& shared) {
   const int lanes_log2 =
       SplitSumLanesLog2(static_cast<int>(args.experts_per_token) * static_cast<int>(args.rank));
-  WaitForPrerequisites();
+  AwaitPrerequisitesThenAllowDependents();
   SumSplits(args, target, splits, lanes_log2, shared);
   __syncthreads();
   FinishPrologue<T>(args, lanes_log2, shared);
@@ -413,22 +410,17 @@ cudaError_t LaunchSparseLora(const SparseLoraArgs& args, cudaStream_t stream) {
     } else {
       const dim3 shrink_grid(static_cast<unsigned>(args.tokens * args.experts_per_token),
                              static_cast<unsigned>(splits), static_cast<unsigned>(args.count));
-      SparseShrinkKernel<T><<<shrink_grid, kThreads, 0, stream>>>(args);
-      if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
+      if (const cudaError_t error =
+              LaunchDependent(SparseShrinkKernel<T>, shrink_grid, dim3(kThreads), 0, stream, args);
+          error != cudaSuccess) {
+        return error;
+      }
       // Tokens vary fastest: the blocks that run together read the same rows of Bᵀ (their
       // experts' chunks of one room row lie close together).
-      cudaLaunchConfig_t config = {};
-      config.gridDim = dim3(static_cast<unsigned>(args.tokens), static_cast<unsigned>(tiles));
-      config.blockDim = dim3(kThreads);
-      config.stream = stream;
-      cudaLaunchAttribute overlap = {};
-      overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      overlap.val.programmaticStreamSerializationAllowed = 1;
-      config.attrs = &overlap;
-      config.numAttrs = 1;
-      return column_room
-                 ? cudaLaunchKernelEx(&config, SparseExpandColumnRoomKernel<T>, args, splits)
-                 : cudaLaunchKernelEx(&config, SparseExpandRowMajorKernel<T>, args, splits);
+      const dim3 expand_grid(static_cast<unsigned>(args.tokens), static_cast<unsigned>(tiles));
+      return LaunchDependent(
+          column_room ? SparseExpandColumnRoomKernel<T> : SparseExpandRowMajorKernel<T>,
+          expand_grid, dim3(kThreads), 0, stream, args, splits);
     }
   });
 }

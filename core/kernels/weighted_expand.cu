@@ -29,6 +29,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "core/kernels/dependent_launch.cuh"
 #include "core/kernels/element.cuh"
 #include "core/kernels/ptx.cuh"
 #include "core/kernels/weighted_expand.h"
@@ -182,6 +183,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
     CommitCopies();
   }
+  // Bᵀ is a weight: its copies go out while the kernel before (the GEMM that wrote s and the
+  // output) finishes; everything below reads what it wrote.
+  AwaitPrerequisitesThenAllowDependents();
 
   // This thread's packs of the output: token i / kChunks, chunk i % kChunks of the tile, for
   // i = threadIdx.x + u·kThreads. Loaded now, added at the end.
@@ -320,8 +324,8 @@ cudaError_t LaunchKernel(const WeightedExpandArgs& args, int tiles, int k_pad,
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMostBytes);
     if (error != cudaSuccess) return error;
   }
-  kernel<<<static_cast<unsigned>(tiles), kThreads, bytes, stream>>>(args);
-  return cudaGetLastError();
+  return LaunchDependent(kernel, dim3(static_cast<unsigned>(tiles)), dim3(kThreads), bytes, stream,
+                         args);
 }
 
 // Whether a segment field is a whole number of packs.

@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "core/kernels/dependent_launch.cuh"
 #include "core/kernels/element.cuh"
 #include "core/kernels/ptx.cuh"
 #include "core/kernels/weighted_shrink.h"
@@ -117,6 +118,9 @@ __device__ __forceinline__ void ClusterWait() {
   asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
+// Which rows a staging pass copies: A's (a weight), x's (the input), or both.
+enum class Staged { kWeights, kInputs, kBoth };
+
 template <typename T>
 __global__ void __cluster_dims__(1, kSplits, 1) __launch_bounds__(kThreads, kMinBlocks)
     WeightedShrinkKernel(WeightedShrinkArgs args) {
@@ -173,7 +177,7 @@ __global__ void __cluster_dims__(1, kSplits, 1) __launch_bounds__(kThreads, kMin
   // in) is the same in every row, so a row costs a few instructions: a single warp per SM
   // sub-partition runs these with little overlap, and the copies go out as fast as they issue.
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  auto stage_steps = [&](int first, int count) {
+  auto stage_steps = [&](int first, int count, Staged staged) {
     const int64_t k0 = (first_step + first) * kTileK + lane * kVec;  // the lane's first column
     bool copy[kStagePasses], zero[kStagePasses];
 #pragma unroll
@@ -196,13 +200,22 @@ __global__ void __cluster_dims__(1, kSplits, 1) __launch_bounds__(kThreads, kMin
         src += kWarps * src_stride;
       }
     };
-    stage_rows(stage + warp * pitch + lane * kVec, a + warp * a_stride + k0, tile_rows - warp,
-               a_stride);
-    stage_rows(stage + (kTileRows + warp) * pitch + lane * kVec, x + warp * args.x.row_stride + k0,
-               tokens - warp, args.x.row_stride);
-    CommitCopies();
+    if (staged != Staged::kInputs) {
+      stage_rows(stage + warp * pitch + lane * kVec, a + warp * a_stride + k0, tile_rows - warp,
+                 a_stride);
+    }
+    if (staged != Staged::kWeights) {
+      stage_rows(stage + (kTileRows + warp) * pitch + lane * kVec,
+                 x + warp * args.x.row_stride + k0, tokens - warp, args.x.row_stride);
+      CommitCopies();
+    }
   };
-  if (steps > 0) stage_steps(0, min(steps, chunk_steps));
+  // A is a weight: its first copies go out while the kernel before (the norm that wrote x)
+  // finishes (dependent_launch.cuh); x's, in the same copy group, once it has.
+  const int first_count = min(steps, chunk_steps);
+  if (steps > 0) stage_steps(0, first_count, Staged::kWeights);
+  AwaitPrerequisitesThenAllowDependents();
+  if (steps > 0) stage_steps(0, first_count, Staged::kInputs);
 
   // The reduction: output (token t, quad c of 4 rows) is group 4t + c, owned by the cluster's
   // block (4t + c) % kSplits as its local group j = (4t + c) / kSplits. Each of the cluster's
@@ -280,7 +293,8 @@ __global__ void __cluster_dims__(1, kSplits, 1) __launch_bounds__(kThreads, kMin
     }
     if (first + chunk_steps < steps) {
       __syncthreads();  // every warp is done with this chunk
-      stage_steps(first + chunk_steps, min(chunk_steps, steps - first - chunk_steps));
+      stage_steps(first + chunk_steps, min(chunk_steps, steps - first - chunk_steps),
+                  Staged::kBoth);
     }
   }
   ClusterWait();  // every block has started
@@ -345,8 +359,8 @@ cudaError_t LaunchKernel(const WeightedShrinkArgs& args, int tiles, cudaStream_t
     if (error != cudaSuccess) return error;
   }
   // The grid's y is the cluster's (__cluster_dims__): one cluster per tile.
-  kernel<<<dim3(static_cast<unsigned>(tiles), kSplits), kThreads, bytes, stream>>>(args);
-  return cudaGetLastError();
+  return LaunchDependent(kernel, dim3(static_cast<unsigned>(tiles), kSplits), dim3(kThreads), bytes,
+                         stream, args);
 }
 
 }  // namespace
