@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "absl/strings/str_cat.h"
+#include "core/skinny_linear.h"
 
 namespace moelora {
 
@@ -110,7 +111,7 @@ int64_t AlignedColumns(int64_t columns) { return (columns + 63) / 64 * 64; }
 // shrink in one GEMM. `outputs` rows of weight_and_room are weights; `rows` of room follow.
 at::Tensor GemmWithRoomRows(const at::Tensor& x, const at::Tensor& weight_and_room,
                             const at::Tensor& bias_and_room, int64_t outputs, int64_t rows) {
-  return at::linear(
+  return SkinnyLinear(
       x, weight_and_room.narrow(0, 0, outputs + rows),
       bias_and_room.defined() ? bias_and_room.narrow(0, 0, outputs + rows) : at::Tensor());
 }
@@ -201,10 +202,10 @@ at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta,
         widened.narrow(1, 0, in).copy_(x);
         delta->ScaledShrinkInto(id_, x, widened.narrow(1, in, *columns));
       }
-      return at::linear(widened, weight_and_room_.narrow(1, 0, in + *columns), bias_);
+      return SkinnyLinear(widened, weight_and_room_.narrow(1, 0, in + *columns), bias_);
     }
   }
-  at::Tensor y = at::linear(x, weight_, bias_);
+  at::Tensor y = SkinnyLinear(x, weight_, bias_);
   if (delta != nullptr) y = delta->Apply(id_, x, std::move(y));
   return y;
 }
@@ -269,7 +270,7 @@ std::vector<at::Tensor> LinearGroup::Forward(const at::Tensor& x, const LinearDe
                                            both.narrow(-1, 0, out_all)));
     }
   }
-  std::vector<at::Tensor> outputs = Split(at::linear(x, weight_, bias_));
+  std::vector<at::Tensor> outputs = Split(SkinnyLinear(x, weight_, bias_));
   if (delta != nullptr) outputs = delta->ApplyGroup(ids_, x, std::move(outputs));
   return outputs;
 }

@@ -17,6 +17,7 @@
 #include "core/decode_attention.h"
 #include "core/rms_norm.h"
 #include "core/rope.h"
+#include "core/skinny_linear.h"
 #include "core/status_macros.h"
 #include "core/strided_ops.h"
 
@@ -379,7 +380,7 @@ ForwardOutput Model::ForwardValidated(const std::vector<SequenceInput>& batch, K
   if (options.return_hidden) output.hidden = h;
   const at::Tensor selected =
       options.all_logits ? h : h.index_select(0, LongTensor(last_rows, device));
-  output.logits = at::linear(selected, lm_head_);
+  output.logits = SkinnyLinear(selected, lm_head_, at::Tensor());
   // Only now, with every step done, do the slots own their new tokens.
   for (const SequenceInput& seq : batch) {
     cache.lengths_[seq.slot] += static_cast<int64_t>(seq.tokens.size());
@@ -397,7 +398,7 @@ at::Tensor Model::DecodeStep(const DecodeStepInputs& inputs, KvCache& cache,
   plan.positions = inputs.positions;
   plan.token_slots = inputs.slots;
   plan.slots = inputs.slots;
-  return at::linear(RunDecoder(plan, cache, delta), lm_head_);
+  return SkinnyLinear(RunDecoder(plan, cache, delta), lm_head_, at::Tensor());
 }
 
 void Model::CommitDecodeStep(const std::vector<SequenceInput>& batch, KvCache& cache) const {

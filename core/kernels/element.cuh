@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "core/kernels/element_type.h"
 
@@ -52,6 +53,30 @@ cudaError_t WithElementType(ElementType type, F&& f) {
 // elements of `element_bytes` each (the 16-byte accesses of the vectorised kernels).
 inline bool Aligned(const void* data, int64_t row_stride, int64_t vec, int64_t element_bytes) {
   return reinterpret_cast<uintptr_t>(data) % (vec * element_bytes) == 0 && row_stride % vec == 0;
+}
+
+// Two elements in 32 bits (the first in the low half) to fp32 and back, rounding to nearest even:
+// whole registers throughout, where a Pack's 16-bit members took one each (weighted_expand.cu's
+// staging took 157).
+__device__ __forceinline__ float2 Unpair(uint32_t bits, __nv_bfloat16) {
+  return make_float2(__uint_as_float(bits << 16), __uint_as_float(bits & 0xffff0000u));
+}
+__device__ __forceinline__ float2 Unpair(uint32_t bits, __half) {
+  __half2 pair;
+  memcpy(&pair, &bits, sizeof(bits));
+  return __half22float2(pair);
+}
+__device__ __forceinline__ uint32_t Pair(float lo, float hi, __nv_bfloat16) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+  uint32_t bits;
+  memcpy(&bits, &pair, sizeof(bits));
+  return bits;
+}
+__device__ __forceinline__ uint32_t Pair(float lo, float hi, __half) {
+  const __half2 pair = __floats2half2_rn(lo, hi);
+  uint32_t bits;
+  memcpy(&bits, &pair, sizeof(bits));
+  return bits;
 }
 
 // kVec consecutive elements, loaded and stored in one access.

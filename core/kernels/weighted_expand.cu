@@ -73,29 +73,6 @@ __host__ __device__ inline int64_t Tiles(const ExpandSegment& segment) {
              : 0;
 }
 
-// Two elements in 32 bits (the first in the low half) to fp32 and back, rounding to nearest even:
-// whole registers throughout, where a Pack's 16-bit members took one each (and the staging 157).
-__device__ __forceinline__ float2 Unpair(uint32_t bits, __nv_bfloat16) {
-  return make_float2(__uint_as_float(bits << 16), __uint_as_float(bits & 0xffff0000u));
-}
-__device__ __forceinline__ float2 Unpair(uint32_t bits, __half) {
-  __half2 pair;
-  memcpy(&pair, &bits, sizeof(bits));
-  return __half22float2(pair);
-}
-__device__ __forceinline__ uint32_t Pair(float lo, float hi, __nv_bfloat16) {
-  const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
-  uint32_t bits;
-  memcpy(&bits, &pair, sizeof(bits));
-  return bits;
-}
-__device__ __forceinline__ uint32_t Pair(float lo, float hi, __half) {
-  const __half2 pair = __floats2half2_rn(lo, hi);
-  uint32_t bits;
-  memcpy(&bits, &pair, sizeof(bits));
-  return bits;
-}
-
 // round(a ⊙ b) of two packs of 8 elements, in fp32 as the unfused multiply.
 template <typename T>
 __device__ __forceinline__ uint32_t ProductPair(uint32_t a, uint32_t b) {
