@@ -8,7 +8,6 @@
 // once.
 
 #include <cstdint>
-#include <type_traits>
 
 #include "core/kernels/dependent_launch.cuh"
 #include "core/kernels/element.cuh"
