@@ -20,13 +20,12 @@ namespace {
 // device, 16-byte packs, no autograd. Undefined (nothing done) otherwise.
 at::Tensor TryKernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   const std::optional<kernels::ElementType> type = KernelElementType(x.scalar_type());
-  if (!type.has_value() || x.dim() != 2 || x.size(0) > kernels::kSkinnyLinearMaxTokens ||
-      !KernelMatrix(x, x) || !KernelMatrix(weight, x) || weight.size(1) != x.size(1) ||
+  if (!type.has_value() || !KernelMatrix(x, x) || !KernelMatrix(weight, x) ||
+      weight.size(1) != x.size(1) ||
       (bias.defined() && (!KernelOperand(bias, x) || bias.dim() != 1 ||
                           bias.size(0) != weight.size(0) || !bias.is_contiguous()))) {
     return at::Tensor();
   }
-  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
   kernels::SkinnyLinearArgs args;
   args.type = *type;
   args.tokens = x.size(0);
@@ -35,9 +34,12 @@ at::Tensor TryKernel(const at::Tensor& x, const at::Tensor& weight, const at::Te
   args.x = {x.data_ptr(), x.stride(0)};
   args.weight = {weight.data_ptr(), weight.stride(0)};
   args.bias = bias.defined() ? bias.data_ptr() : nullptr;
-  args.out = out.data_ptr();
-  args.out_stride = out.stride(0);
+  args.out_stride = weight.size(0);  // the contiguous output allocated below
+  // Its row count and sizes are SkinnyLinearTakes' to judge; the output is allocated only when
+  // the kernel runs.
   if (!kernels::SkinnyLinearTakes(args)) return at::Tensor();
+  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  args.out = out.data_ptr();
   const cudaError_t error = kernels::LaunchSkinnyLinear(
       args, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
   TORCH_CHECK(error == cudaSuccess, "skinny linear kernel: ", cudaGetErrorString(error));
