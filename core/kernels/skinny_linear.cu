@@ -22,6 +22,13 @@ constexpr int kVec = 8;                   // elements per 16-byte pack (bf16, fp
 constexpr int kPass = kWarpSize * kVec;   // elements of `in` a warp reads a pass
 constexpr int64_t kMaxIndex = 1ll << 31;  // 32-bit element offsets within a row block
 constexpr int kRows = 8;                  // rows of W a block takes: packs of W in flight a lane
+// Registers a thread: each of a multiprocessor's 4 schedulers holds 16384, in steps of 256 a
+// warp. 72 fit 7 warps a scheduler, 3 blocks of 9 warps a multiprocessor (gate and up with their
+// shrink columns beside 2048 inputs: 9 passes); 96 at two tokens fit 5, 2 blocks. Bounded only by
+// 512 threads a block, the compiler gave two tokens 98 (4 warps a scheduler): those 9-warp blocks
+// then ran one to a multiprocessor, 43 µs a launch against ~26 at one token (Nsight Compute).
+template <int kTokens>
+constexpr int kGemvMaxRegisters = kTokens == 1 ? 72 : 96;
 
 // W is read once: past L1, with L2 fetching whole 256-byte sectors ahead.
 __device__ __forceinline__ uint4 LoadStreaming(const void* p) {
@@ -49,7 +56,7 @@ __device__ __forceinline__ float Dot(uint4 a, uint4 b) {
 }
 
 template <typename T, int kTokens>
-__global__ void __launch_bounds__(kMaxWarps* kWarpSize)
+__global__ void __maxnreg__(kGemvMaxRegisters<kTokens>)
     SkinnyLinearKernel(const SkinnyLinearArgs args) {
   __shared__ float partials[kMaxWarps][kRows][kTokens];
   const int warps = static_cast<int>(blockDim.x) / kWarpSize;

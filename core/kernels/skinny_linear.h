@@ -20,8 +20,9 @@
 namespace moelora::kernels {
 
 // The most rows of x the kernel takes. On an H100 (gemma-2b, bf16) it took 0.35-0.4 ms off the
-// base decode step at batch 1 and 2 and off the fused step at batch 1; the fused step at batch 2
-// came out even, and at 4 rows (four packs of x and 32 sums a lane) it lost to cuBLAS by 0.25 ms.
+// base and fused decode steps at batch 1 and 2; at 4 rows (four packs of x and 32 sums a lane) it
+// lost to cuBLAS by 0.25 ms, and a tensor-core GEMM of ours for 3 to 64 rows did not beat cuBLAS
+// either (docs/BENCHMARKS.md).
 inline constexpr int64_t kSkinnyLinearMaxTokens = 2;
 
 struct SkinnyLinearArgs {
