@@ -29,6 +29,12 @@ constexpr int kRows = 8;                  // rows of W a block takes: packs of W
 // then ran one to a multiprocessor, 43 µs a launch against ~26 at one token (Nsight Compute).
 template <int kTokens>
 constexpr int kGemvMaxRegisters = kTokens == 1 ? 72 : 96;
+// __maxnreg__ is nvcc 12.4's; older ones bound the block size only (the compiler's own counts).
+#if __CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4)
+#define MOELORA_GEMV_REGISTER_BOUND(tokens) __maxnreg__(kGemvMaxRegisters<tokens>)
+#else
+#define MOELORA_GEMV_REGISTER_BOUND(tokens) __launch_bounds__(kMaxWarps* kWarpSize)
+#endif
 
 // W is read once: past L1, with L2 fetching whole 256-byte sectors ahead.
 __device__ __forceinline__ uint4 LoadStreaming(const void* p) {
@@ -56,7 +62,7 @@ __device__ __forceinline__ float Dot(uint4 a, uint4 b) {
 }
 
 template <typename T, int kTokens>
-__global__ void __maxnreg__(kGemvMaxRegisters<kTokens>)
+__global__ void MOELORA_GEMV_REGISTER_BOUND(kTokens)
     SkinnyLinearKernel(const SkinnyLinearArgs args) {
   __shared__ float partials[kMaxWarps][kRows][kTokens];
   const int warps = static_cast<int>(blockDim.x) / kWarpSize;
@@ -127,6 +133,8 @@ __global__ void __maxnreg__(kGemvMaxRegisters<kTokens>)
     static_cast<T*>(args.out)[t * args.out_stride + row0 + r] = FromFloat<T>(total);
   }
 }
+
+#undef MOELORA_GEMV_REGISTER_BOUND
 
 // Warps a block: every warp the same number of passes (a warp with one pass more than the rest
 // held its block a whole memory round trip longer: gate and up with 128 shrink columns beside
