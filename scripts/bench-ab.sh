@@ -43,13 +43,12 @@ build "$base_dir" "$out/build-base.log" & base_pid=$!
 wait $work_pid || exit 1
 wait $base_pid || exit 1
 
-for test in "${tests[@]}"; do
-  binary=$(find build-ab-bench/tests -name "$test" -type f -perm -u+x | head -1)
-  [ -n "$binary" ] || { echo "no test binary $test"; exit 1; }
-  "$binary" > "$out/$test.log" 2>&1 ||
-    { echo "$test failed:"; grep -E 'Failure|FAILED|Expected|Which is' "$out/$test.log" | head -20; exit 1; }
-  echo "$test: $(grep -E '^\[  PASSED' "$out/$test.log")"
-done
+if [ ${#tests[@]} -gt 0 ]; then  # CTest names each test after its target
+  pattern="^($(IFS='|'; echo "${tests[*]}"))\$"
+  (cd build-ab-bench && ctest --output-on-failure -R "$pattern") > "$out/tests.log" 2>&1 ||
+    { echo "tests failed:"; tail -40 "$out/tests.log"; exit 1; }
+  grep -E 'tests passed' "$out/tests.log"
+fi
 
 run() {  # tree dir, tag
   # shellcheck disable=SC2086  # AB_ARGS is a list of flags
