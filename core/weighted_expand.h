@@ -1,7 +1,8 @@
 // The second half of a LoRA mixture's delta: out += (s ⊙ w)·Bᵀ, s the shrink beside a
 // projection's output, w the routing weights over rank rows. For a decode step's few tokens on
 // CUDA (a CUDA build) it is one kernel (core/kernels/weighted_expand.h), the multiply folded in,
-// reading only the non-zero blocks of a block-diagonal Bᵀ (q/k/v's); elsewhere (prefill, more
+// reading only the non-zero blocks of a block-diagonal Bᵀ (q/k/v's) or adding to several
+// projections' outputs at once (gate's and up's); elsewhere (prefill, more
 // rows, the CPU, a CPU-only libtorch) it is MultiplyInPlace and addmm_, with the same roundings.
 
 #ifndef MOELORA_CORE_WEIGHTED_EXPAND_H_
@@ -30,6 +31,19 @@ struct BlockDiagonalRows {
 // (nothing that autograd records).
 void WeightedExpandAdd(const at::Tensor& out, const at::Tensor& shrink, const at::Tensor& weights,
                        const at::Tensor& bt, const BlockDiagonalRows* blocks = nullptr);
+
+// One output of WeightedExpandAddEach, as WeightedExpandAdd's arguments.
+struct WeightedExpandTarget {
+  at::Tensor out;
+  at::Tensor shrink;
+  at::Tensor bt;
+};
+
+// WeightedExpandAdd(target.out, target.shrink, weights, target.bt) for every target (projections
+// with one routing, such as gate and up), in one kernel where the kernel takes all of them.
+// Outputs must not overlap each other or any input.
+void WeightedExpandAddEach(absl::Span<const WeightedExpandTarget> targets,
+                           const at::Tensor& weights);
 
 }  // namespace moelora
 

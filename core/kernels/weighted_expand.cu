@@ -4,7 +4,8 @@
 // Grid: one block of 4 warps per (segment, tile of kColumns output columns), the segments' tiles
 // one after another in blockIdx.x. kColumns is 16 up to 32 tokens (2048 columns: 128 blocks,
 // about one per SM) and 32 past them, where each block's own copy of s and w (T·K elements each,
-// L2 hits) would otherwise dominate the traffic.
+// L2 hits) would otherwise dominate the traffic; 64 for wide outputs (gate and up), whose
+// thousands of narrow tiles would each stage all of s and w for 32 bytes of each Bᵀ row.
 // Staging, every load issued before any is used: the tile's K rows of Bᵀ by cp.async into shared
 // memory (DRAM, the longest wait, and no registers held meanwhile), the tile's out elements into
 // registers, then s and w in 16-byte packs (up to K = 128 all of a thread's packs at once),
@@ -49,7 +50,8 @@ constexpr int kMaxRows = static_cast<int>(kWeightedExpandMaxRows);
 constexpr int kRowPad = 8;     // elements: staged rows an odd number of 16 bytes apart (ldmatrix)
 constexpr int kReducePad = 8;  // floats: partial rows 8 banks apart (the float2 stores)
 constexpr int kMinBlocks = 4;  // per SM: at most 128 registers, which the staging stays under
-constexpr int kSharedLimit = 48 * 1024;  // dynamic shared memory without the attribute
+constexpr int kSharedLimit = 48 * 1024;   // dynamic shared memory without the attribute
+constexpr int64_t kWideTileBlocks = 256;  // 64-column tiles from this many (two an H100 SM)
 
 __host__ __device__ constexpr int RoundUp(int x, int to) { return (x + to - 1) / to * to; }
 
@@ -101,9 +103,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   constexpr int kBStride = kColumns + kRowPad;
   constexpr int kReduceStride = kColumns + kReducePad;
   constexpr int kOutPacks = kMaxTokens * kChunks / kThreads;  // per thread
-  // Packs each of s and w a thread has in flight: all of them up to K = 128 (32 tokens with the
-  // narrow tiles, 64 with the wide), more registers where they are needed.
-  constexpr int kStageBatch = kColumns / 4;
+  // Packs each of s and w a thread has in flight: 4 with 16-column tiles, else 8 (all of them up
+  // to K = 128 at 32 and 64 tokens), more registers where they are needed.
+  constexpr int kStageBatch = kColumns == 16 ? 4 : 8;
   constexpr uint32_t kBytes = sizeof(T);
   static_assert(kColumns % 16 == 0 && kOutPacks * kThreads == kMaxTokens * kChunks, "tiling");
   extern __shared__ uint4 dynamic_shared[];
@@ -148,12 +150,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
   // Bᵀ's tile first: it comes from DRAM, the rest mostly from L2.
   {
-    const T* bt = static_cast<const T*>(args.bt.data) + out_column;
+    const T* bt = static_cast<const T*>(segment.bt.data) + out_column;
     for (int i = threadIdx.x; i < k_pad * kChunks; i += kThreads) {
       const int j = i / kChunks, c = i % kChunks;
       T* dst = b_s + j * kBStride + c * kVec;
       if (j < rows && c < chunks) {
-        CopyAsync(SharedAddress(dst), bt + source_row(j) * args.bt.row_stride + c * kVec);
+        CopyAsync(SharedAddress(dst), bt + source_row(j) * segment.bt.row_stride + c * kVec);
       } else {
         *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
       }
@@ -166,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
   // This thread's packs of the output: token i / kChunks, chunk i % kChunks of the tile, for
   // i = threadIdx.x + u·kThreads. Loaded now, added at the end.
-  T* out = static_cast<T*>(args.out);
+  T* out = static_cast<T*>(segment.out);
   uint4 out_packs[kOutPacks];
 #pragma unroll
   for (int u = 0; u < kOutPacks; ++u) {
@@ -174,14 +176,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     out_packs[u] = make_uint4(0, 0, 0, 0);
     if (t < tokens && c < chunks) {
       out_packs[u] =
-          *reinterpret_cast<const uint4*>(out + t * args.out_stride + out_column + c * kVec);
+          *reinterpret_cast<const uint4*>(out + t * segment.out_stride + out_column + c * kVec);
     }
   }
 
   // A = round(s ⊙ w): [t_pad][k_pad], pack i at token i / packs_per_row.
   {
-    const T* shrink = static_cast<const T*>(args.shrink.data);
-    const T* weights = static_cast<const T*>(args.weights.data);
+    const T* shrink = static_cast<const T*>(segment.shrink.data);
+    const T* weights = static_cast<const T*>(segment.weights.data);
     const int packs_per_row = k_pad / kVec;
     const int packs = t_pad * packs_per_row;
     const Divider by_packs_per_row(packs_per_row);  // ≥ 2; i < 64 · 64
@@ -194,8 +196,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         s[u] = w[u] = make_uint4(0, 0, 0, 0);
         if (i < packs && t < tokens && j < rows) {
           const int64_t row = source_row(j);
-          s[u] = *reinterpret_cast<const uint4*>(shrink + t * args.shrink.row_stride + row);
-          w[u] = *reinterpret_cast<const uint4*>(weights + t * args.weights.row_stride + row);
+          s[u] = *reinterpret_cast<const uint4*>(shrink + t * segment.shrink.row_stride + row);
+          w[u] = *reinterpret_cast<const uint4*>(weights + t * segment.weights.row_stride + row);
         }
       }
 #pragma unroll
@@ -281,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       const uint4 o = out_packs[u];
       const float2 o0 = Unpair(o.x, T{}), o1 = Unpair(o.y, T{}), o2 = Unpair(o.z, T{}),
                    o3 = Unpair(o.w, T{});
-      *reinterpret_cast<uint4*>(out + t * args.out_stride + out_column + c * kVec) = make_uint4(
+      *reinterpret_cast<uint4*>(out + t * segment.out_stride + out_column + c * kVec) = make_uint4(
           Pair(o0.x + sums[0], o0.y + sums[1], T{}), Pair(o1.x + sums[2], o1.y + sums[3], T{}),
           Pair(o2.x + sums[4], o2.y + sums[5], T{}), Pair(o3.x + sums[6], o3.y + sums[7], T{}));
     }
@@ -314,14 +316,14 @@ bool WeightedExpandTakes(const WeightedExpandArgs& args) {
   if (args.type != ElementType::kBFloat16 && args.type != ElementType::kHalf) return false;
   if (args.count < 1 || args.count > kMaxExpandSegments) return false;
   if (args.tokens < 0 || args.tokens > kWeightedExpandMaxTokens) return false;
-  if (!Aligned(args.shrink.data, args.shrink.row_stride, kVec, kElementBytes) ||
-      !Aligned(args.weights.data, args.weights.row_stride, kVec, kElementBytes) ||
-      !Aligned(args.bt.data, args.bt.row_stride, kVec, kElementBytes) ||
-      !Aligned(args.out, args.out_stride, kVec, kElementBytes)) {
-    return false;
-  }
   for (int i = 0; i < args.count; ++i) {
     const ExpandSegment& segment = args.segments[i];
+    if (!Aligned(segment.shrink.data, segment.shrink.row_stride, kVec, kElementBytes) ||
+        !Aligned(segment.weights.data, segment.weights.row_stride, kVec, kElementBytes) ||
+        !Aligned(segment.bt.data, segment.bt.row_stride, kVec, kElementBytes) ||
+        !Aligned(segment.out, segment.out_stride, kVec, kElementBytes)) {
+      return false;
+    }
     if (!WholePacks(segment.first_column) || !WholePacks(segment.columns) ||
         !WholePacks(segment.first_row) || !WholePacks(segment.block_rows) ||
         !WholePacks(segment.block_stride) || segment.blocks < 0) {
@@ -338,27 +340,36 @@ bool WeightedExpandTakes(const WeightedExpandArgs& args) {
 cudaError_t LaunchWeightedExpand(const WeightedExpandArgs& args, cudaStream_t stream) {
   if (!WeightedExpandTakes(args)) return cudaErrorInvalidValue;
   if (args.tokens == 0) return cudaSuccess;
-  // Past 32 tokens wider tiles: half the blocks, each reading s and w once for twice the columns.
-  const bool wide = args.tokens > 32;
-  int64_t tiles = 0;
+  // Tile width: 16 columns (2048 columns are 128 blocks, about one an SM); past 32 tokens 32,
+  // so that half the blocks each read s and w once for twice the columns; and 64 where that
+  // still leaves kWideTileBlocks blocks (gate and up: 16384 columns each), where 16-column tiles
+  // were a thousand blocks a launch each staging all of s and w for 32 bytes of each Bᵀ row.
+  int64_t tiles16 = 0, tiles32 = 0, tiles64 = 0;
   int k_pad = 0;
   for (int i = 0; i < args.count; ++i) {
     const ExpandSegment& segment = args.segments[i];
-    const int64_t segment_tiles = wide ? Tiles<32>(segment) : Tiles<16>(segment);
-    if (segment_tiles == 0) continue;
-    tiles += segment_tiles;
+    if (Tiles<16>(segment) == 0) continue;
+    tiles16 += Tiles<16>(segment);
+    tiles32 += Tiles<32>(segment);
+    tiles64 += Tiles<64>(segment);
     k_pad = std::max(k_pad, RoundUp(static_cast<int>(segment.rows()), kTileK));
   }
-  if (tiles == 0) return cudaSuccess;
-  if (tiles > INT_MAX) return cudaErrorInvalidValue;
+  if (tiles16 == 0) return cudaSuccess;
+  if (tiles16 > INT_MAX) return cudaErrorInvalidValue;
+  const int columns = tiles64 >= kWideTileBlocks ? 64 : (args.tokens > 32 ? 32 : 16);
   return WithElementType(args.type, [&](auto element) -> cudaError_t {
     using T = decltype(element);
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;
     } else {
-      const int grid = static_cast<int>(tiles);
-      return wide ? LaunchKernel<T, 32>(args, grid, k_pad, stream)
-                  : LaunchKernel<T, 16>(args, grid, k_pad, stream);
+      switch (columns) {
+        case 64:
+          return LaunchKernel<T, 64>(args, static_cast<int>(tiles64), k_pad, stream);
+        case 32:
+          return LaunchKernel<T, 32>(args, static_cast<int>(tiles32), k_pad, stream);
+        default:
+          return LaunchKernel<T, 16>(args, static_cast<int>(tiles16), k_pad, stream);
+      }
     }
   });
 }

@@ -20,12 +20,18 @@
 
 namespace moelora::kernels {
 
-// One range of output columns and the rows of Bᵀ (= the columns of s and w) that it reads: row
-// blocks b < blocks of block_rows consecutive rows, block b starting at row
+// One range of output columns, its operands, and the rows of Bᵀ (= the columns of s and w) that
+// it reads: row blocks b < blocks of block_rows consecutive rows, block b starting at row
 // first_row + b·block_stride. A plain projection reads every row (one block); member m of a
 // q/k/v group of M members with n experts of rank R reads first_row m·R, n blocks of R rows,
-// block_stride M·R (the group's rows are ordered [expert][member][rank]).
+// block_stride M·R (the group's rows are ordered [expert][member][rank]). Segments may share
+// operands (a group's members) or not (gate and up, each with its own output and Bᵀ).
 struct ExpandSegment {
+  RowMajor shrink;      // s: [tokens, ≥ rows read]
+  RowMajor weights;     // w: [tokens, ≥ rows read], column j weighting s's column j
+  RowMajor bt;          // Bᵀ: [≥ rows read, ≥ columns written]
+  void* out = nullptr;  // [tokens, ≥ columns written], read and written
+  int64_t out_stride = 0;
   int64_t first_column = 0;
   int64_t columns = 0;
   int64_t first_row = 0;
@@ -44,11 +50,6 @@ inline constexpr int64_t kWeightedExpandMaxRows = 512;
 struct WeightedExpandArgs {
   ElementType type = ElementType::kBFloat16;  // every operand; bf16 or fp16
   int64_t tokens = 0;
-  RowMajor shrink;      // s: [tokens, ≥ rows read]
-  RowMajor weights;     // w: [tokens, ≥ rows read], column j weighting s's column j
-  RowMajor bt;          // Bᵀ: [≥ rows read, ≥ columns written]
-  void* out = nullptr;  // [tokens, ≥ columns written], read and written
-  int64_t out_stride = 0;
   ExpandSegment segments[kMaxExpandSegments];
   int count = 0;  // segments used
 };
@@ -61,9 +62,9 @@ bool WeightedExpandTakes(const WeightedExpandArgs& args);
 
 // For each segment, t < tokens, c in [first_column, first_column + columns):
 //   out[t][c] = round(out[t][c] + Σ_{j read} round(s[t][j]·w[t][j]) · Bᵀ[j][c]).
-// Segments must not share columns; `out` must not overlap s, w or Bᵀ (it may be another column
-// block of s's buffer). cudaErrorInvalidValue when !WeightedExpandTakes(args). Launches on
-// `stream` (CUDA-graph capturable) and returns the launch error, if any.
+// Segments must not share output elements; no output may overlap any s, w or Bᵀ (it may be
+// another column block of s's buffer). cudaErrorInvalidValue when !WeightedExpandTakes(args).
+// Launches on `stream` (CUDA-graph capturable) and returns the launch error, if any.
 cudaError_t LaunchWeightedExpand(const WeightedExpandArgs& args, cudaStream_t stream);
 
 }  // namespace moelora::kernels

@@ -21,11 +21,12 @@ struct Shape {
 };
 
 // Decode sizes (one token, batch 32 and 64 at 8 experts of rank 16 for o and down, the kernel's
-// most rows), past the kernel's 64 tokens or 512 rows (the GEMM path), rows that are not a whole
-// number of the tensor cores' 16, and narrow or odd widths.
-const Shape kShapes[] = {{1, 128, 2048}, {32, 128, 2048}, {64, 512, 1024},
-                         {64, 520, 256}, {100, 64, 512},  {17, 24, 40},
-                         {3, 8, 2056},   {33, 40, 8},     {5, 16, 36}};
+// most rows; gate's and up's wide outputs, which take 64-column tiles), past the kernel's 64
+// tokens or 512 rows (the GEMM path), rows that are not a whole number of the tensor cores' 16,
+// and narrow or odd widths.
+const Shape kShapes[] = {{1, 128, 2048},   {32, 128, 2048}, {64, 512, 1024}, {8, 128, 16384},
+                         {64, 128, 16384}, {64, 520, 256},  {100, 64, 512},  {17, 24, 40},
+                         {3, 8, 2056},     {33, 40, 8},     {5, 16, 36}};
 
 // (out + round(s ⊙ w)·bt) rounded once, in fp32 from the same rounded operands.
 at::Tensor Expected(const at::Tensor& out, const at::Tensor& shrink, const at::Tensor& weights,
@@ -67,6 +68,38 @@ TEST(WeightedExpandTest, MatchesMultiplyThenGemmAndWritesOnlyTheOutput) {
         const std::string what = Describe(device, dtype, shape);
         ExpectWithinRounding(out, expected, what);
         EXPECT_TRUE(at::equal(buffer.narrow(1, columns + rows, 8).cpu(), tail_before)) << what;
+      }
+    }
+  }
+}
+
+// Gate and up in row room: each GEMM wrote its output and shrink side by side, and one call (one
+// kernel on CUDA) adds each expand to its own output with the routing weights they share.
+TEST(WeightedExpandTest, EachTargetGetsItsOwnExpand) {
+  at::manual_seed(23);
+  const Shape shapes[] = {{1, 32, 16384}, {8, 128, 16384}, {32, 128, 4096}, {5, 24, 40}};
+  for (const c10::Device device : Devices()) {
+    for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+      if (device.is_cpu() && dtype == at::kHalf) continue;
+      for (const Shape& shape : shapes) {
+        const auto options = at::TensorOptions().device(device).dtype(dtype);
+        const int64_t columns = shape.columns, rows = shape.rows;
+        const at::Tensor weights = at::rand({shape.tokens, rows}, options);
+        std::vector<at::Tensor> buffers, expected;
+        std::vector<WeightedExpandTarget> targets;
+        for (int i = 0; i < 2; ++i) {
+          buffers.push_back(at::randn({shape.tokens, columns + rows}, options));
+          const WeightedExpandTarget target{buffers.back().narrow(1, 0, columns),
+                                            buffers.back().narrow(1, columns, rows),
+                                            at::randn({rows, columns}, options) / std::sqrt(rows)};
+          expected.push_back(Expected(target.out, target.shrink, weights, target.bt));
+          targets.push_back(target);
+        }
+        WeightedExpandAddEach(targets, weights);
+        for (int i = 0; i < 2; ++i) {
+          ExpectWithinRounding(targets[i].out, expected[i],
+                               Describe(device, dtype, shape) + " target " + std::to_string(i));
+        }
       }
     }
   }
