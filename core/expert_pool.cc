@@ -431,6 +431,18 @@ at::Tensor MixtureDelta::ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
   return base_output;
 }
 
+std::vector<at::Tensor> MixtureDelta::ApplyShrunkEach(absl::Span<const ProjectionId> ids,
+                                                      std::vector<at::Tensor> shrinks,
+                                                      std::vector<at::Tensor> base_outputs) const {
+  std::vector<WeightedExpandTarget> targets;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    targets.push_back({base_outputs[i], std::move(shrinks[i]),
+                       FirstSlots(pool_.stacks_[ProjectionIndex(ids[i])].bt, snapshot_->size())});
+  }
+  WeightedExpandAddEach(targets, row_weights_);
+  return base_outputs;
+}
+
 std::vector<at::Tensor> MixtureDelta::ApplyGroup(absl::Span<const ProjectionId> members,
                                                  const at::Tensor& x,
                                                  std::vector<at::Tensor> base_outputs) const {

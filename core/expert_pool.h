@@ -198,6 +198,10 @@ class MixtureDelta : public LinearDelta {
   std::optional<int64_t> ShrinkRowsInRoom(const ProjectionId& id) const override;
   at::Tensor ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
                          at::Tensor base_output) const override;
+  // Every projection's expand in one kernel in a decode step (gate and up in row room).
+  std::vector<at::Tensor> ApplyShrunkEach(absl::Span<const ProjectionId> ids,
+                                          std::vector<at::Tensor> shrinks,
+                                          std::vector<at::Tensor> base_outputs) const override;
   std::optional<int64_t> ExpandColumnsInRoom(const ProjectionId& id) const override;
   void ScaledShrinkInto(const ProjectionId& id, const at::Tensor& x, at::Tensor out) const override;
   // Both in one kernel in a decode step (core/weighted_shrink.h).

@@ -77,6 +77,15 @@ at::Tensor LinearDelta::ApplyShrunk(const ProjectionId& /*id*/, at::Tensor /*shr
   return base_output;
 }
 
+std::vector<at::Tensor> LinearDelta::ApplyShrunkEach(absl::Span<const ProjectionId> ids,
+                                                     std::vector<at::Tensor> shrinks,
+                                                     std::vector<at::Tensor> base_outputs) const {
+  for (size_t i = 0; i < ids.size(); ++i) {
+    base_outputs[i] = ApplyShrunk(ids[i], std::move(shrinks[i]), std::move(base_outputs[i]));
+  }
+  return base_outputs;
+}
+
 void LinearDelta::ScaledShrinkInto(const ProjectionId& /*id*/, const at::Tensor& /*x*/,
                                    at::Tensor /*out*/) const {
   TORCH_CHECK(false, "ScaledShrinkInto called on a delta that keeps no columns in a room");
@@ -116,6 +125,12 @@ at::Tensor GemmWithRoomRows(const at::Tensor& x, const at::Tensor& weight_and_ro
       bias_and_room.defined() ? bias_and_room.narrow(0, 0, outputs + rows) : at::Tensor());
 }
 }  // namespace
+
+RoomLayout AdapterRoom::LayoutFor(int64_t out_features, int64_t in_features) const {
+  if (out_features <= in_features) return RoomLayout::kRows;
+  if (wide_layout.has_value()) return *wide_layout;
+  return slots < kSparsePoolSlots ? RoomLayout::kColumns : RoomLayout::kRows;
+}
 
 Linear::Linear(ProjectionId id, at::Tensor weight, at::Tensor bias, AdapterRoom room,
                RoomLayout layout)
@@ -160,6 +175,22 @@ std::optional<int64_t> Linear::ColumnsInRoom(const LinearDelta* delta) const {
   return delta->ExpandColumnsInRoom(id_);
 }
 
+std::optional<int64_t> Linear::RowsInRoom(const LinearDelta* delta) const {
+  if (delta == nullptr || layout_ != RoomLayout::kRows || !weight_and_room_.defined()) {
+    return std::nullopt;
+  }
+  return delta->ShrinkRowsInRoom(id_);
+}
+
+std::pair<at::Tensor, at::Tensor> Linear::ShrinkAndOutput(const at::Tensor& x, int64_t rows) const {
+  TORCH_CHECK(layout_ == RoomLayout::kRows && weight_and_room_.defined() &&
+                  rows <= weight_and_room_.size(0) - out_features(),
+              "ShrinkAndOutput needs ", rows, " rows of row room");
+  const int64_t out = out_features();
+  const at::Tensor both = GemmWithRoomRows(x, weight_and_room_, bias_and_room_, out, rows);
+  return {both.narrow(-1, out, rows), both.narrow(-1, 0, out)};
+}
+
 std::pair<at::Tensor, at::Tensor> Linear::NewPairedInputsWithRoom(
     const Linear& first, const Linear& second, int64_t tokens, const at::TensorOptions& options) {
   for (const Linear* linear : {&first, &second}) {
@@ -184,10 +215,9 @@ at::Tensor Linear::Forward(const at::Tensor& x, const LinearDelta* delta,
                            bool shrunk_beside) const {
   if (delta != nullptr && weight_and_room_.defined() && !x.requires_grad()) {
     if (layout_ == RoomLayout::kRows) {
-      if (const std::optional<int64_t> rows = delta->ShrinkRowsInRoom(id_); rows.has_value()) {
-        const int64_t out = out_features();
-        const at::Tensor both = GemmWithRoomRows(x, weight_and_room_, bias_and_room_, out, *rows);
-        return delta->ApplyShrunk(id_, both.narrow(-1, out, *rows), both.narrow(-1, 0, out));
+      if (const std::optional<int64_t> rows = RowsInRoom(delta); rows.has_value()) {
+        auto [shrink, output] = ShrinkAndOutput(x, *rows);
+        return delta->ApplyShrunk(id_, std::move(shrink), std::move(output));
       }
     } else if (const std::optional<int64_t> columns = ColumnsInRoom(delta); columns.has_value()) {
       const int64_t in = in_features();

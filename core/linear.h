@@ -64,6 +64,11 @@ class LinearDelta {
   // buffer (row stride out + N), so neither is contiguous.
   virtual at::Tensor ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
                                  at::Tensor base_output) const;
+  // ApplyShrunk for projections that read one x (gate and up in row room), each with its own
+  // GEMM's shrink and output; the default applies each in turn, a delta may do all in one pass.
+  virtual std::vector<at::Tensor> ApplyShrunkEach(absl::Span<const ProjectionId> ids,
+                                                  std::vector<at::Tensor> shrinks,
+                                                  std::vector<at::Tensor> base_outputs) const;
 
   // A delta whose expand matrix for `id` is the first N columns of the projection's column room
   // returns N; the projection then writes x and ScaledShrinkInto's [tokens, N] side by side and
@@ -96,15 +101,6 @@ class LinearDelta {
                                       at::Tensor base_output) const;
 };
 
-// Room next to a projection's weight for an expert pool's stacked LoRA matrices: `slots` slots
-// (the pool's capacity) of `rank` rows (its max_rank). None when either is 0.
-struct AdapterRoom {
-  int64_t slots = 0;
-  int64_t rank = 0;
-  int64_t rows() const { return slots * rank; }
-  bool empty() const { return rows() == 0; }
-};
-
 // Where an expert pool may keep its stacked LoRA matrices right next to a projection's weight,
 // so that the base GEMM does part of the delta's work:
 //   kRows:    [W; A] ([out + n, in]): x·[W; A]ᵀ gives the output and the shrink in one GEMM;
@@ -112,6 +108,28 @@ struct AdapterRoom {
 //             without reading and writing the output twice (for wide outputs: gate and up).
 // The room starts as zeros; the weight is a view of the first out rows / in columns.
 enum class RoomLayout { kRows, kColumns };
+
+// From this many slots a pool can route sparsely (a token on at most a sixteenth of the experts,
+// MixtureDelta::UsesSparsePath), and wide projections take row room by default: a sparse decode
+// step reads each token's experts' Bᵀ, which in a column room is a 32-byte chunk in every one of
+// the output's rows (gate/up's expand took 25 µs a launch at batch 8 on gemma-2b, vs ~9 µs for
+// a row-major Bᵀ; docs/BENCHMARKS.md).
+inline constexpr int64_t kSparsePoolSlots = 16;
+
+// Room next to a projection's weight for an expert pool's stacked LoRA matrices: `slots` slots
+// (the pool's capacity) of `rank` rows (its max_rank). None when either is 0.
+struct AdapterRoom {
+  int64_t slots = 0;
+  int64_t rank = 0;
+  // The layout of projections whose output is wider than their input (gate, up). Unset:
+  // kColumns below kSparsePoolSlots slots (the dense path's prefill reads and writes their wide
+  // output once), kRows from there on (sparse decode steps read Bᵀ row-major). Narrower
+  // projections always take kRows.
+  std::optional<RoomLayout> wide_layout;
+  int64_t rows() const { return slots * rank; }
+  bool empty() const { return rows() == 0; }
+  RoomLayout LayoutFor(int64_t out_features, int64_t in_features) const;
+};
 
 class Linear {
  public:
@@ -132,6 +150,12 @@ class Linear {
   // The shrink columns Forward writes beside its input when it folds `delta`'s expand into this
   // projection's column room (it does so only for an input that needs no gradient), else nullopt.
   std::optional<int64_t> ColumnsInRoom(const LinearDelta* delta) const;
+  // The shrink rows Forward computes in this projection's GEMM from its row room for `delta`
+  // (only for an input that needs no gradient), else nullopt.
+  std::optional<int64_t> RowsInRoom(const LinearDelta* delta) const;
+  // Row room only: the GEMM Forward runs there, x·[W; A_rows]ᵀ, as {shrink [tokens, rows],
+  // output [tokens, out]} (column blocks of one buffer), the delta not yet applied.
+  std::pair<at::Tensor, at::Tensor> ShrinkAndOutput(const at::Tensor& x, int64_t rows) const;
   // Column room only, for two projections with one input (gate, up): [tokens, in] views of one
   // buffer whose rows are [x | first's room | x | second's room]. The producer of x writes both
   // copies (the norm does, in its one pass), and then both shrinks can be written in one pass

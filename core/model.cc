@@ -58,6 +58,15 @@ absl::StatusOr<LoadOptions> ParseLoadOptions(const std::string& device, const st
   }
   return options;
 }
+
+absl::StatusOr<std::optional<RoomLayout>> ParseWideRoomLayout(absl::string_view value) {
+  if (value == "auto") return std::nullopt;
+  if (value == "rows") return RoomLayout::kRows;
+  if (value == "columns") return RoomLayout::kColumns;
+  return absl::InvalidArgumentError(
+      absl::StrCat("wide room layout '", value, "': expected auto, rows or columns"));
+}
+
 namespace {
 
 at::Tensor LongTensor(const std::vector<int64_t>& values, c10::Device device) {
@@ -163,12 +172,10 @@ absl::Status Model::LoadWeights(const std::string& dir) {
     for (ProjectionKind kind :
          {ProjectionKind::kO, ProjectionKind::kGate, ProjectionKind::kUp, ProjectionKind::kDown}) {
       const int k = static_cast<int>(kind);
-      // Wider outputs than inputs (gate, up) take B next to W: re-reading and re-writing their
-      // output for the expand would cost more than copying their input once.
-      const bool wide = weights[k].size(0) > weights[k].size(1);
-      layer.projections[k] =
-          Linear({i, kind}, std::move(weights[k]), std::move(biases[k]), options_.adapter_room,
-                 wide ? RoomLayout::kColumns : RoomLayout::kRows);
+      const RoomLayout layout =
+          options_.adapter_room.LayoutFor(weights[k].size(0), weights[k].size(1));
+      layer.projections[k] = Linear({i, kind}, std::move(weights[k]), std::move(biases[k]),
+                                    options_.adapter_room, layout);
     }
   }
   return absl::OkStatus();
@@ -529,9 +536,10 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
     }
     const at::Tensor attention_out = proj(layer, ProjectionKind::kO, attended);  // maybe strided
 
-    // With their B in column room, gate and up each read x with their weighted shrink beside it:
-    // the norm writes x into both inputs in its one pass, and both shrinks are written together
-    // (one kernel in a decode step), so each GEMM then reads [x | s] as it lies.
+    // With their B in column room (a small pool's layout, LoadOptions::adapter_room), gate and
+    // up each read x with their weighted shrink beside it: the norm writes x into both inputs in
+    // its one pass, and both shrinks are written together (one kernel in a decode step), so each
+    // GEMM then reads [x | s] as it lies.
     const Linear& gate = layer.projections[static_cast<int>(ProjectionKind::kGate)];
     const Linear& up = layer.projections[static_cast<int>(ProjectionKind::kUp)];
     const std::optional<int64_t> columns = gate.ColumnsInRoom(delta);
@@ -551,8 +559,19 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
                                   Linear::ShrinkColumnsBeside(up_input, *columns));
     }
     at::Tensor gate_output, up_output;
-    if (!paired && delta != nullptr && !columns.has_value() &&
-        !up.ColumnsInRoom(delta).has_value()) {
+    const std::optional<int64_t> gate_rows = gate.RowsInRoom(delta), up_rows = up.RowsInRoom(delta);
+    if (gate_rows.has_value() && up_rows.has_value() && !x.requires_grad()) {
+      // A in row room (a big pool's layout): each GEMM computes its shrink too, and both
+      // expands run together (one kernel in a decode step).
+      auto [gate_shrink, gate_base] = gate.ShrinkAndOutput(x, *gate_rows);
+      auto [up_shrink, up_base] = up.ShrinkAndOutput(x, *up_rows);
+      std::vector<at::Tensor> outputs = delta->ApplyShrunkEach(
+          {gate.id(), up.id()}, {std::move(gate_shrink), std::move(up_shrink)},
+          {std::move(gate_base), std::move(up_base)});
+      gate_output = std::move(outputs[0]);
+      up_output = std::move(outputs[1]);
+    } else if (!paired && delta != nullptr && !columns.has_value() && !up.ColumnsInRoom(delta) &&
+               !gate_rows.has_value() && !up_rows.has_value()) {
       // Neither folds the delta into its GEMM: both deltas together, one pass over x for a delta
       // that can (the sparse path).
       std::vector<at::Tensor> outputs = delta->ApplyGroup(

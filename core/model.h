@@ -15,10 +15,12 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "core/linear.h"
 #include "core/model_config.h"
 #include "core/rms_norm.h"
@@ -35,9 +37,10 @@ struct LoadOptions {
   // Room next to every projection's weight for an expert pool's stacked LoRA matrices (its
   // capacity slots of max_rank rows; see RoomLayout and LinearGroup): A after W where the output
   // is at most as wide as the input, so the base GEMM also computes the shrink (q, k and v share
-  // one GEMM and one room); B beside W where it is wider (gate, up), so the base GEMM also does
-  // the expand. None: a pool keeps A and B in its own buffers (same results, one more GEMM and
-  // one more pass per projection).
+  // one GEMM and one room); where it is wider (gate, up), B beside W, so the base GEMM also does
+  // the expand, unless the pool is big enough for sparse routing (AdapterRoom::wide_layout).
+  // None: a pool keeps A and B in its own buffers (same results, one more GEMM and one more pass
+  // per projection).
   AdapterRoom adapter_room;
 };
 
@@ -45,6 +48,10 @@ struct LoadOptions {
 // server's --device / --dtype flags take): auto is CUDA when this build and machine have it,
 // else the CPU; and bf16 on CUDA, fp32 on the CPU. InvalidArgument names the bad value.
 absl::StatusOr<LoadOptions> ParseLoadOptions(const std::string& device, const std::string& dtype);
+
+// "auto" | "rows" | "columns" (the server's --wide_room_layout) as AdapterRoom::wide_layout:
+// auto is unset (the pool's size decides). InvalidArgument names the bad value.
+absl::StatusOr<std::optional<RoomLayout>> ParseWideRoomLayout(absl::string_view value);
 
 // Keys and values of every layer for `num_slots` sequences of up to `max_seq_len` tokens.
 // A sequence owns a slot from its first token to its end; the cache records how many tokens each

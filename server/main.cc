@@ -46,6 +46,9 @@ ABSL_FLAG(std::string, metrics_listen, "",
           "Prometheus /metrics address (HTTP), e.g. 0.0.0.0:9090; empty: no metrics");
 ABSL_FLAG(int64_t, pool_capacity, 8, "expert pool slots");
 ABSL_FLAG(int64_t, pool_max_rank, 64, "largest LoRA rank a slot holds");
+ABSL_FLAG(std::string, wide_room_layout, "auto",
+          "gate/up adapter room: columns (B beside W: cheapest dense prefill), rows (A below W: "
+          "Bᵀ row-major for sparse top-k decode), auto (rows from 16 pool slots)");
 ABSL_FLAG(int64_t, max_running_requests, 16, "requests generating at once (KV-cache slots)");
 ABSL_FLAG(int64_t, max_seq_len, 0, "tokens per request, prompt + generated; 0: min(model's, 4096)");
 ABSL_FLAG(int64_t, kv_cache_bytes, 0,
@@ -99,6 +102,10 @@ absl::StatusOr<moelora::server::ServerOptions> OptionsFromFlags() {
       moelora::ParseLoadOptions(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_dtype));
   if (!load.ok()) return moelora::PrefixStatus(load.status(), "--device/--dtype: ");
   options.load = *load;
+  absl::StatusOr<std::optional<moelora::RoomLayout>> wide_layout =
+      moelora::ParseWideRoomLayout(absl::GetFlag(FLAGS_wide_room_layout));
+  if (!wide_layout.ok()) return moelora::PrefixStatus(wide_layout.status(), "--wide_room_layout: ");
+  options.load.adapter_room.wide_layout = *wide_layout;
   options.pool = {.capacity = absl::GetFlag(FLAGS_pool_capacity),
                   .max_rank = absl::GetFlag(FLAGS_pool_max_rank)};
   options.engine = {.max_running_requests = absl::GetFlag(FLAGS_max_running_requests),

@@ -186,8 +186,9 @@ absl::Status Server::Init() {
                        " as ", c10::toString(options_.load.dtype)));
   LoadOptions load = options_.load;
   // Room for the pool's stacks next to every weight, so the base GEMMs do part of the LoRA work
-  // (docs/architecture.md, "The fused pass").
-  load.adapter_room = {options_.pool.capacity, options_.pool.max_rank};
+  // (docs/architecture.md, "The fused pass"); the layout of gate's and up's as asked.
+  load.adapter_room.slots = options_.pool.capacity;
+  load.adapter_room.rank = options_.pool.max_rank;
   ASSIGN_OR_RETURN(model_, Model::Load(options_.model_dir, load));
   ASSIGN_OR_RETURN(pool_, ExpertPool::Create(*model_, options_.pool));
   mixture_ = std::make_unique<Mixture>(*model_, *pool_);

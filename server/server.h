@@ -91,7 +91,7 @@ struct KeepaliveOptions {
 
 struct ServerOptions {
   std::string model_dir;
-  LoadOptions load;
+  LoadOptions load;  // its adapter_room's slots and rank are the pool's; wide_layout is kept
   ExpertPoolOptions pool;
   EngineOptions engine;
   // > 0: engine.max_running_requests = the sequences of max_seq_len tokens this many bytes of

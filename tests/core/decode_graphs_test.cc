@@ -6,6 +6,7 @@
 
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -19,15 +20,16 @@ namespace {
 // On the CPU, DecodeGraphs runs its fixed-shape step eagerly (eager_fallback): these tests check
 // that step's math (context buckets, masks past each sequence's length, the mixture's static
 // weights) against the ordinary forward. scripts/gpu-check.sh runs the same tests with real
-// graphs on the GPU machine.
-class DecodeGraphsTest : public testing::TestWithParam<ModelType> {
+// graphs on the GPU machine. Each family runs with gate and up's B in their column room and
+// with their A in row room (a 16-slot pool's default, the sparse path's layout).
+class DecodeGraphsTest : public testing::TestWithParam<std::tuple<ModelType, RoomLayout>> {
  protected:
   void SetUp() override {
     const std::string base = temp_.Join("base");
-    ASSERT_TRUE(WriteRandomModel(base, TinyModelConfig(GetParam()), {.seed = 3}).ok());
+    ASSERT_TRUE(WriteRandomModel(base, TinyModelConfig(std::get<0>(GetParam())), {.seed = 3}).ok());
     const LoadOptions options = {
         .device = at::hasCUDA() ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU),
-        .adapter_room = {16, 8}};
+        .adapter_room = {.slots = 16, .rank = 8, .wide_layout = std::get<1>(GetParam())}};
     auto model = Model::Load(base, options);
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
@@ -169,9 +171,15 @@ TEST_P(DecodeGraphsTest, RoomLayoutMatchesPoolBuffers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, DecodeGraphsTest,
-                         testing::Values(ModelType::kLlama, ModelType::kMistral, ModelType::kQwen2,
-                                         ModelType::kGemma),
-                         [](const auto& info) { return std::string(ModelTypeName(info.param)); });
+                         testing::Combine(testing::Values(ModelType::kLlama, ModelType::kMistral,
+                                                          ModelType::kQwen2, ModelType::kGemma),
+                                          testing::Values(RoomLayout::kRows, RoomLayout::kColumns)),
+                         [](const auto& info) {
+                           return absl::StrCat(ModelTypeName(std::get<0>(info.param)),
+                                               std::get<1>(info.param) == RoomLayout::kRows
+                                                   ? "_WideRows"
+                                                   : "_WideColumns");
+                         });
 
 class DecodeGraphsAcceptsTest : public DecodeGraphsTest {};
 
@@ -225,7 +233,8 @@ TEST_P(DecodeGraphsAcceptsTest, BadWeightsAreInvalidArgument) {
   EXPECT_EQ(cache->length(0), 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Llama, DecodeGraphsAcceptsTest, testing::Values(ModelType::kLlama));
+INSTANTIATE_TEST_SUITE_P(Llama, DecodeGraphsAcceptsTest,
+                         testing::Values(std::make_tuple(ModelType::kLlama, RoomLayout::kRows)));
 
 }  // namespace
 }  // namespace moelora

@@ -42,15 +42,25 @@ class NaiveDelta : public LinearDelta {
   at::Tensor weights_;
 };
 
-// `room`: the server's layout, A stacked in each projection's room after its weight (the shrink
-// runs inside the base GEMM); else the pool's own buffers.
+// Where the pool's stacks live: in each projection's room next to its weight (the server's
+// layout; the shrink or the expand runs inside the base GEMM), with gate and up's B in column
+// room (a small pool's default) or their A in row room (a big pool's); else the pool's own
+// buffers.
+enum class Layout { kPoolBuffers, kRoomWideColumns, kRoomWideRows };
+
 class ExpertPoolFixture : public testing::Test {
  protected:
-  void Build(bool room) {
+  void Build(Layout layout) {
     ASSERT_TRUE(
         WriteRandomModel(temp_.Join("base"), TinyModelConfig(ModelType::kLlama), {.seed = 5}).ok());
-    auto model =
-        Model::Load(temp_.Join("base"), {.adapter_room = room ? AdapterRoom{8, 8} : AdapterRoom{}});
+    AdapterRoom room;
+    if (layout != Layout::kPoolBuffers) {
+      room = {.slots = 8,
+              .rank = 8,
+              .wide_layout =
+                  layout == Layout::kRoomWideRows ? RoomLayout::kRows : RoomLayout::kColumns};
+    }
+    auto model = Model::Load(temp_.Join("base"), {.adapter_room = room});
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
     auto pool = ExpertPool::Create(*model_, {.capacity = 8, .max_rank = 8});
@@ -105,12 +115,25 @@ class ExpertPoolFixture : public testing::Test {
   std::map<std::string, std::unique_ptr<Adapter>> adapters_;
 };
 
-class ExpertPoolTest : public ExpertPoolFixture, public testing::WithParamInterface<bool> {
+class ExpertPoolTest : public ExpertPoolFixture, public testing::WithParamInterface<Layout> {
  protected:
-  void SetUp() override { Build(/*room=*/GetParam()); }
+  void SetUp() override { Build(GetParam()); }
 };
 
-std::string LayoutName(bool room) { return room ? "AInModelRoom" : "AInPoolBuffers"; }
+std::string LayoutName(Layout layout) {
+  switch (layout) {
+    case Layout::kPoolBuffers:
+      return "PoolBuffers";
+    case Layout::kRoomWideColumns:
+      return "RoomWideColumns";
+    case Layout::kRoomWideRows:
+      return "RoomWideRows";
+  }
+  return "Unknown";
+}
+
+constexpr Layout kLayouts[] = {Layout::kPoolBuffers, Layout::kRoomWideColumns,
+                               Layout::kRoomWideRows};
 
 // Mixed ranks and target sets, rslora on some: experts of every shape share one pool.
 RandomAdapterOptions SpecFor(int i) {
@@ -139,9 +162,9 @@ TEST_P(ExpertPoolTest, NoExpertsOrZeroWeightsIsTheBaseModelExactly) {
 }
 
 class FusedEqualsNaiveTest : public ExpertPoolFixture,
-                             public testing::WithParamInterface<std::tuple<int, bool>> {
+                             public testing::WithParamInterface<std::tuple<int, Layout>> {
  protected:
-  void SetUp() override { Build(/*room=*/std::get<1>(GetParam())); }
+  void SetUp() override { Build(std::get<1>(GetParam())); }
 };
 
 TEST_P(FusedEqualsNaiveTest, TokenAndSequenceWeights) {
@@ -161,7 +184,7 @@ TEST_P(FusedEqualsNaiveTest, TokenAndSequenceWeights) {
 }
 
 INSTANTIATE_TEST_SUITE_P(K, FusedEqualsNaiveTest,
-                         testing::Combine(testing::Values(1, 2, 4, 8), testing::Bool()),
+                         testing::Combine(testing::Values(1, 2, 4, 8), testing::ValuesIn(kLayouts)),
                          [](const auto& info) {
                            return absl::StrCat("K", std::get<0>(info.param), "_",
                                                LayoutName(std::get<1>(info.param)));
@@ -191,10 +214,17 @@ TEST_P(ExpertPoolTest, AttachPlacesInSlotsAndAccountsBytes) {
   EXPECT_EQ(infos[0].device_bytes, 2 * 4 * 4 * (128 + 96 + 96 + 128 + 192 + 192 + 192));
   EXPECT_EQ(infos[0].reserved_bytes, pool_->reserved_bytes() / 8);
   EXPECT_EQ(pool_->free_slots(), 7);
-  // With the model's room the shrink of the one slot's 8 rows runs inside the base GEMM.
+  // With the model's room the shrink of the one slot's 8 rows runs inside the base GEMM (gate's
+  // too, in row room), or gate's expand does (in column room).
   const MixtureDelta delta(*pool_, pool_->snapshot(), at::ones({tokens_, 1}));
+  const bool room = GetParam() != Layout::kPoolBuffers;
+  const bool wide_rows = GetParam() == Layout::kRoomWideRows;
   EXPECT_EQ(delta.ShrinkRowsInRoom({1, ProjectionKind::kDown}),
-            GetParam() ? std::optional<int64_t>(8) : std::nullopt);
+            room ? std::optional<int64_t>(8) : std::nullopt);
+  EXPECT_EQ(delta.ShrinkRowsInRoom({1, ProjectionKind::kGate}),
+            wide_rows ? std::optional<int64_t>(8) : std::nullopt);
+  EXPECT_EQ(delta.ExpandColumnsInRoom({1, ProjectionKind::kGate}),
+            room && !wide_rows ? std::optional<int64_t>(8) : std::nullopt);
 
   auto again = pool_->Attach(*adapters_["a"]);
   EXPECT_EQ(again.status().code(), absl::StatusCode::kAlreadyExists);
@@ -293,7 +323,7 @@ TEST_P(ExpertPoolTest, ASecondPoolKeepsItsOwnBuffers) {
   EXPECT_LE(MaxDiff(Fused(batch_, mine, two), Naive(batch_, *mine, two)), 1e-4);
 }
 
-INSTANTIATE_TEST_SUITE_P(Layout, ExpertPoolTest, testing::Bool(),
+INSTANTIATE_TEST_SUITE_P(Layouts, ExpertPoolTest, testing::ValuesIn(kLayouts),
                          [](const auto& info) { return LayoutName(info.param); });
 
 }  // namespace

@@ -104,6 +104,20 @@ TEST_F(ModelLoadTest, AdapterRoomLeavesTheBaseModelAlone) {
   EXPECT_EQ(gate.room().sizes(), (std::vector<int64_t>{3, 8, gate.out_features()}));
   EXPECT_TRUE(at::equal(gate.weight(), (*plain)->projection(0, ProjectionKind::kGate).weight()));
   EXPECT_TRUE(at::equal(FourTokenLogits(**plain), FourTokenLogits(**roomy)));
+  // A pool big enough for sparse routing keeps gate's A in row room instead (its Bᵀ row-major
+  // in the pool's buffers), unless told otherwise.
+  auto big = Model::Load(dir, {.adapter_room = {kSparsePoolSlots, 8}});
+  auto big_columns =
+      Model::Load(dir, {.adapter_room = {kSparsePoolSlots, 8, RoomLayout::kColumns}});
+  ASSERT_TRUE(big.ok() && big_columns.ok());
+  const Linear& big_gate = (*big)->projection(0, ProjectionKind::kGate);
+  EXPECT_EQ(big_gate.room_layout(), RoomLayout::kRows);
+  EXPECT_EQ(big_gate.room().sizes(),
+            (std::vector<int64_t>{kSparsePoolSlots, 8, big_gate.in_features()}));
+  EXPECT_TRUE(at::equal(FourTokenLogits(**plain), FourTokenLogits(**big)));
+  EXPECT_EQ((*big_columns)->projection(0, ProjectionKind::kGate).room_layout(),
+            RoomLayout::kColumns);
+  EXPECT_EQ((*big)->projection(0, ProjectionKind::kDown).room_layout(), RoomLayout::kRows);
 
   EXPECT_FALSE((*plain)->ClaimAdapterRoom());
   EXPECT_TRUE((*roomy)->ClaimAdapterRoom());
@@ -295,6 +309,13 @@ TEST(ParseLoadOptionsTest, AutoAndExplicitValues) {
   if (!at::hasCUDA()) {
     EXPECT_EQ(ParseLoadOptions("cuda", "auto").status().code(), absl::StatusCode::kInvalidArgument);
   }
+}
+
+TEST(ParseWideRoomLayoutTest, AutoRowsColumns) {
+  EXPECT_EQ(ParseWideRoomLayout("auto").value(), std::nullopt);
+  EXPECT_EQ(ParseWideRoomLayout("rows").value(), RoomLayout::kRows);
+  EXPECT_EQ(ParseWideRoomLayout("columns").value(), RoomLayout::kColumns);
+  EXPECT_EQ(ParseWideRoomLayout("cols").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
