@@ -17,7 +17,7 @@ namespace moelora::kernels {
 namespace {
 
 constexpr int kWarpSize = 32;
-constexpr int kMaxWarps = 16;
+constexpr int kMaxWarps = 14;             // two blocks a multiprocessor at one token (WarpsFor)
 constexpr int kVec = 8;                   // elements per 16-byte pack (bf16, fp16)
 constexpr int kPass = kWarpSize * kVec;   // elements of `in` a warp reads a pass
 constexpr int64_t kMaxIndex = 1ll << 31;  // 32-bit element offsets within a row block
@@ -138,13 +138,14 @@ __global__ void MOELORA_GEMV_REGISTER_BOUND(kTokens)
 
 // Warps a block: every warp the same number of passes (a warp with one pass more than the rest
 // held its block a whole memory round trip longer: gate and up with 128 shrink columns beside
-// their 2048 are 9 passes), at most kMaxWarps; for long inputs (32 passes and more: down's 16384)
-// at most 8, so two blocks fit a multiprocessor: with 16 warps down's 256 blocks ran in two waves
-// of one block each (26.7 µs, 2.5 TB/s under Nsight Compute, against 25.5 µs for gate's 4× more
-// blocks).
-int WarpsFor(int64_t in) {
+// their 2048 are 9 passes), and few enough that two blocks share a multiprocessor at the
+// register cap (7 warps a scheduler at one token, 5 at two: 14 and 10 warps a block; a 16-warp
+// block for 4096 inputs, Llama-3-8B's, ran alone); for long inputs (32 passes and more: down's
+// 16384) at most 8: with 16 warps down's 256 blocks ran in two waves of one block each
+// (26.7 µs, 2.5 TB/s under Nsight Compute, against 25.5 µs for gate's 4× more blocks).
+int WarpsFor(int64_t in, int tokens) {
   const int64_t passes = (in + kPass - 1) / kPass;
-  const int64_t most = passes >= 32 ? kMaxWarps / 2 : kMaxWarps;
+  const int64_t most = passes >= 32 ? 8 : (tokens == 1 ? kMaxWarps : 10);
   const int64_t rounds = (passes + most - 1) / most;
   return static_cast<int>((passes + rounds - 1) / rounds);
 }
@@ -153,7 +154,7 @@ template <typename T, int kTokens>
 cudaError_t Launch(const SkinnyLinearArgs& args, cudaStream_t stream) {
   const int64_t blocks = (args.out_features + kRows - 1) / kRows;
   return LaunchDependent(SkinnyLinearKernel<T, kTokens>, dim3(static_cast<unsigned>(blocks)),
-                         dim3(WarpsFor(args.in) * kWarpSize), 0, stream, args);
+                         dim3(WarpsFor(args.in, kTokens) * kWarpSize), 0, stream, args);
 }
 
 template <typename T>

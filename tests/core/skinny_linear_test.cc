@@ -21,12 +21,14 @@ struct Shape {
 
 // Decode shapes (gemma-2b's q/k/v with room; gate with 128 shrink columns beside its input: 9
 // passes, 9 warps; down's long input: 8 rounds of 8 warps; 65 passes: 9 of 8, the last partial;
-// 16 warps at two tokens, under the two-token register cap, as 4096-wide inputs take),
-// the kernel's most tokens and one past it (at::linear), inputs that are not a whole number of
-// passes and outputs that are not a whole number of its 8-row blocks.
+// Llama-3-8B's 4096 inputs: 2 rounds of 8 warps; Qwen2-7B's 3584: 14 warps at one token, 2
+// rounds of 7 at two; 10 passes, the most warps at two tokens), the kernel's most tokens and
+// one past it (at::linear), inputs that are not a whole number of passes and outputs that are
+// not a whole number of its 8-row blocks.
 const Shape kShapes[] = {{1, 2048, 2688}, {2, 2176, 40}, {2, 16384, 64}, {1, 16640, 24},
                          {3, 256, 40},    {3, 24, 13},   {2, 520, 1001}, {1, 8, 1},
-                         {2, 1032, 17},   {1, 4096, 9},  {2, 4000, 16}};
+                         {2, 1032, 17},   {1, 4096, 9},  {2, 4000, 16},  {1, 3584, 24},
+                         {2, 3584, 24},   {2, 2560, 8}};
 
 std::string Describe(const c10::Device& device, at::ScalarType dtype, const Shape& shape,
                      bool bias) {
