@@ -171,5 +171,60 @@ TEST(LinearTest, PairedInputsGiveWhatEachProjectionGivesAlone) {
   EXPECT_TRUE(at::equal(up_input, x));  // gate's shrink did not run into up's copy of x
 }
 
+// A delta that keeps `rows` rows of a projection's row room and adds (kind + 1) times the shrink's
+// row sums to the output, so the test can tell whose shrink reached whose output.
+class RowDelta : public LinearDelta {
+ public:
+  explicit RowDelta(int64_t rows) : rows_(rows) {}
+  at::Tensor Apply(const ProjectionId& /*id*/, const at::Tensor& /*x*/,
+                   at::Tensor base_output) const override {
+    return base_output;
+  }
+  std::optional<int64_t> ShrinkRowsInRoom(const ProjectionId& /*id*/) const override {
+    return rows_;
+  }
+  at::Tensor ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
+                         at::Tensor base_output) const override {
+    return base_output.add_(shrink.sum(1, /*keepdim=*/true) * (static_cast<int>(id.kind) + 1));
+  }
+
+ private:
+  int64_t rows_;
+};
+
+// In row room one GEMM gives the output and the shrink (x·Aᵀ over the room's first rows, no
+// bias); ShrinkAndOutput hands both over unapplied, and ApplyShrunkEach's default applies each
+// projection's own, as Forward does.
+TEST(LinearTest, RowRoomShrinkAndOutputMatchForward) {
+  at::manual_seed(6);
+  constexpr int64_t kOut = 10, kTokens = 3, kRows = 4;
+  const AdapterRoom room{.slots = 2, .rank = 3};
+  const Linear gate({1, ProjectionKind::kGate}, at::randn({kOut, kIn}), at::randn({kOut}), room,
+                    RoomLayout::kRows);
+  const Linear up({1, ProjectionKind::kUp}, at::randn({kOut, kIn}), at::Tensor(), room,
+                  RoomLayout::kRows);
+  for (const Linear* linear : {&gate, &up}) {
+    linear->room().copy_(at::randn(linear->room().sizes()));
+  }
+  const RowDelta delta(kRows);
+  EXPECT_EQ(gate.RowsInRoom(&delta), kRows);
+  EXPECT_EQ(gate.ColumnsInRoom(&delta), std::nullopt);
+  EXPECT_EQ(gate.RowsInRoom(nullptr), std::nullopt);
+  const at::Tensor x = at::randn({kTokens, kIn});
+
+  auto [shrink, output] = gate.ShrinkAndOutput(x, kRows);
+  const at::Tensor a = gate.room().reshape({-1, kIn}).narrow(0, 0, kRows);
+  EXPECT_TRUE(at::allclose(shrink, at::linear(x, a), 1e-5, 1e-6));
+  EXPECT_TRUE(at::allclose(output, at::linear(x, gate.weight(), gate.bias()), 1e-5, 1e-6));
+
+  const at::Tensor gate_alone = gate.Forward(x, &delta);
+  const at::Tensor up_alone = up.Forward(x, &delta);
+  auto [up_shrink, up_output] = up.ShrinkAndOutput(x, kRows);
+  const std::vector<at::Tensor> both = delta.ApplyShrunkEach(
+      std::vector<ProjectionId>{gate.id(), up.id()}, {shrink, up_shrink}, {output, up_output});
+  EXPECT_TRUE(at::allclose(both[0], gate_alone));
+  EXPECT_TRUE(at::allclose(both[1], up_alone));
+}
+
 }  // namespace
 }  // namespace moelora
