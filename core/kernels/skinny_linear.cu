@@ -17,7 +17,6 @@ namespace moelora::kernels {
 namespace {
 
 constexpr int kWarpSize = 32;
-constexpr int kMaxWarps = 14;             // two blocks a multiprocessor at one token (WarpsFor)
 constexpr int kVec = 8;                   // elements per 16-byte pack (bf16, fp16)
 constexpr int kPass = kWarpSize * kVec;   // elements of `in` a warp reads a pass
 constexpr int64_t kMaxIndex = 1ll << 31;  // 32-bit element offsets within a row block
@@ -29,6 +28,14 @@ constexpr int kRows = 8;                  // rows of W a block takes: packs of W
 // then ran one to a multiprocessor, 43 µs a launch against ~26 at one token (Nsight Compute).
 template <int kTokens>
 constexpr int kGemvMaxRegisters = kTokens == 1 ? 72 : 96;
+// The most warps a block may have for two blocks to share a multiprocessor at that cap: 14 at
+// one token, 10 at two (a 16-warp block, as 4096 inputs had, ran alone).
+template <int kTokens>
+constexpr int kTwoBlockWarps = 4 * (16384 / (kGemvMaxRegisters<kTokens> * kWarpSize)) / 2;
+constexpr int kMaxWarps = kTwoBlockWarps<1>;
+static_assert(kGemvMaxRegisters<1> * kWarpSize % 256 == 0 &&
+                  kGemvMaxRegisters<2> * kWarpSize % 256 == 0,
+              "kTwoBlockWarps assumes caps of whole 256-register steps a warp");
 // __maxnreg__ is nvcc 12.4's; older ones bound the block size only (the compiler's own counts).
 #if __CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4)
 #define MOELORA_GEMV_REGISTER_BOUND(tokens) __maxnreg__(kGemvMaxRegisters<tokens>)
@@ -139,13 +146,14 @@ __global__ void MOELORA_GEMV_REGISTER_BOUND(kTokens)
 // Warps a block: every warp the same number of passes (a warp with one pass more than the rest
 // held its block a whole memory round trip longer: gate and up with 128 shrink columns beside
 // their 2048 are 9 passes), and few enough that two blocks share a multiprocessor at the
-// register cap (7 warps a scheduler at one token, 5 at two: 14 and 10 warps a block; a 16-warp
-// block for 4096 inputs, Llama-3-8B's, ran alone); for long inputs (32 passes and more: down's
-// 16384) at most 8: with 16 warps down's 256 blocks ran in two waves of one block each
-// (26.7 µs, 2.5 TB/s under Nsight Compute, against 25.5 µs for gate's 4× more blocks).
-int WarpsFor(int64_t in, int tokens) {
+// register cap (kTwoBlockWarps; Llama-3-8B's 4096 inputs: 2 rounds of 8); for long inputs (32
+// passes and more: down's 16384) at most 8: with 16 warps down's 256 blocks ran in two waves of
+// one block each (26.7 µs, 2.5 TB/s under Nsight Compute, against 25.5 µs for gate's 4× more
+// blocks).
+template <int kTokens>
+int WarpsFor(int64_t in) {
   const int64_t passes = (in + kPass - 1) / kPass;
-  const int64_t most = passes >= 32 ? 8 : (tokens == 1 ? kMaxWarps : 10);
+  const int64_t most = passes >= 32 ? 8 : kTwoBlockWarps<kTokens>;
   const int64_t rounds = (passes + most - 1) / most;
   return static_cast<int>((passes + rounds - 1) / rounds);
 }
@@ -154,7 +162,7 @@ template <typename T, int kTokens>
 cudaError_t Launch(const SkinnyLinearArgs& args, cudaStream_t stream) {
   const int64_t blocks = (args.out_features + kRows - 1) / kRows;
   return LaunchDependent(SkinnyLinearKernel<T, kTokens>, dim3(static_cast<unsigned>(blocks)),
-                         dim3(WarpsFor(args.in, kTokens) * kWarpSize), 0, stream, args);
+                         dim3(WarpsFor<kTokens>(args.in) * kWarpSize), 0, stream, args);
 }
 
 template <typename T>

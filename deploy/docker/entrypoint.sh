@@ -18,8 +18,8 @@ fi
 # the like, which must not turn into flags.
 flags=(
   model_dir device dtype listen admin_listen admin_on_data_port metrics_listen
-  pool_capacity pool_max_rank wide_room_layout max_running_requests max_seq_len kv_cache_bytes max_batch_tokens
-  max_queued_requests drain_timeout admin_token_file tls_cert_file tls_key_file
+  pool_capacity pool_max_rank wide_room_layout max_running_requests max_seq_len kv_cache_bytes
+  max_batch_tokens max_queued_requests drain_timeout admin_token_file tls_cert_file tls_key_file
   tls_client_ca_file max_message_bytes experts routers default_router manifest log_requests
 )
 args=()
