@@ -105,6 +105,13 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
   try {
     RETURN_IF_ERROR(model->LoadWeights(dir));
     model->inv_freq_ = model->RopeInverseFrequencies().to(options.device);
+    if (model->config_.scale_embeddings) {
+      // transformers rounds sqrt(hidden) to the activation dtype before multiplying. Made once:
+      // a scalar made on the device per step would be one more kernel in every step.
+      model->embed_scale_ =
+          at::scalar_tensor(std::sqrt(static_cast<double>(model->config_.hidden_size)),
+                            at::TensorOptions().dtype(options.dtype).device(options.device));
+    }
   } catch (const c10::Error& e) {
     return absl::InternalError(
         absl::StrCat("loading model from ", dir, ": ", e.what_without_backtrace()));
@@ -264,10 +271,7 @@ absl::Status Model::ValidateBatch(const std::vector<SequenceInput>& batch,
 
 at::Tensor Model::EmbedTensor(const at::Tensor& ids) const {
   at::Tensor h = at::embedding(embed_tokens_, ids);
-  if (config_.scale_embeddings) {
-    // transformers rounds sqrt(hidden) to the activation dtype before multiplying.
-    h = h * at::scalar_tensor(std::sqrt(static_cast<double>(config_.hidden_size)), h.options());
-  }
+  if (embed_scale_.defined()) h = h * embed_scale_;
   return h;
 }
 
@@ -435,12 +439,6 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
   const int64_t num_seqs = plan.num_seqs, max_new = plan.max_new, max_total = plan.max_total;
   const int64_t num_tokens = plan.ids.size(0);
 
-  // RoPE angles in fp32, cast to the activation dtype as transformers does.
-  const at::Tensor freqs = plan.positions.to(at::kFloat).unsqueeze(1) * inv_freq_.unsqueeze(0);
-  const at::Tensor angles = at::cat({freqs, freqs}, -1);
-  const at::Tensor cos = angles.cos().to(options_.dtype);
-  const at::Tensor sin = angles.sin().to(options_.dtype);
-
   const int64_t heads = c.num_attention_heads, kv_heads = c.num_key_value_heads, d = c.head_dim;
   const int64_t groups = heads / kv_heads;
   const at::ScalarType accumulate = AccumulateType(options_.dtype);
@@ -482,7 +480,7 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
     const std::vector<at::Tensor> qkv = layer.qkv.Forward(x, delta);
     const at::Tensor q =
         RotateAndCache(qkv[0].view({num_tokens, heads, d}), qkv[1].view({num_tokens, kv_heads, d}),
-                       qkv[2].view({num_tokens, kv_heads, d}), cos, sin, cache.keys_[l],
+                       qkv[2].view({num_tokens, kv_heads, d}), inv_freq_, cache.keys_[l],
                        cache.values_[l], plan.token_slots, plan.positions);
 
     // A decode step on CUDA in bf16/fp16 reads each sequence's keys and values straight from the

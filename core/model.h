@@ -199,7 +199,8 @@ class Model {
   at::Tensor embed_tokens_;
   at::Tensor final_norm_;
   at::Tensor lm_head_;
-  at::Tensor inv_freq_;  // [head_dim / 2], fp32
+  at::Tensor inv_freq_;     // [head_dim / 2], fp32
+  at::Tensor embed_scale_;  // sqrt(hidden) in the model's dtype where the config scales embeddings
   std::vector<Layer> layers_;
   mutable std::atomic<bool> adapter_room_claimed_{false};
 };

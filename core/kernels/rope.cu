@@ -14,18 +14,17 @@ __device__ __forceinline__ T Round(float v) {
   return FromFloat<T>(v);
 }
 
-// out[i] = x[i]·cos[i] + rotate_half(x)[i]·sin[i], rotate_half(x) = [-x2, x1], each product and
-// the sum rounded to T, as ATen's three ops round.
+// out[i] = x[i]·cos + rotate_half(x)[i]·sin for the pair (i, i + half), rotate_half(x) =
+// [-x2, x1], each product and the sum rounded to T, as ATen's three ops round.
 template <typename T>
-__device__ __forceinline__ void Rotate(const T* x, const T* cos, const T* sin, int half, int i,
-                                       T* out) {
+__device__ __forceinline__ void Rotate(const T* x, float cos, float sin, int half, int i, T* out) {
   // __fmul_rn / __fadd_rn: never contracted into an FMA, which would round once where ATen
   // rounds twice (fp32 models).
   const float x1 = ToFloat(x[i]), x2 = ToFloat(x[i + half]);
-  const float low = __fadd_rn(ToFloat(Round<T>(__fmul_rn(x1, ToFloat(cos[i])))),
-                              ToFloat(Round<T>(__fmul_rn(-x2, ToFloat(sin[i])))));
-  const float high = __fadd_rn(ToFloat(Round<T>(__fmul_rn(x2, ToFloat(cos[i + half])))),
-                               ToFloat(Round<T>(__fmul_rn(x1, ToFloat(sin[i + half])))));
+  const float low =
+      __fadd_rn(ToFloat(Round<T>(__fmul_rn(x1, cos))), ToFloat(Round<T>(__fmul_rn(-x2, sin))));
+  const float high =
+      __fadd_rn(ToFloat(Round<T>(__fmul_rn(x2, cos))), ToFloat(Round<T>(__fmul_rn(x1, sin))));
   out[i] = Round<T>(low);
   out[i + half] = Round<T>(high);
 }
@@ -42,20 +41,22 @@ __global__ void __launch_bounds__(kThreads) RopeKernel(RopeArgs args) {
   const int key_pairs = static_cast<int>(args.kv_heads) * half;
   const int p = static_cast<int>(blockIdx.y) * kThreads + static_cast<int>(threadIdx.x);
   if (p >= query_pairs + 2 * key_pairs) return;
-  const T* cos = static_cast<const T*>(args.cos) + t * args.head_dim;
-  const T* sin = static_cast<const T*>(args.sin) + t * args.head_dim;
+  // The pair's angle as RopeCosSin computes it: the position in fp32 times the frequency, its
+  // cos and sin (accurate cosf and sinf, as ATen's) rounded to T.
+  const int i = p < query_pairs ? p % half : (p - query_pairs) % half;
+  const float angle = __fmul_rn(static_cast<float>(args.positions[t]), args.inv_freq[i]);
+  const float cos = ToFloat(Round<T>(cosf(angle))), sin = ToFloat(Round<T>(sinf(angle)));
   const int64_t cache_row =
       (args.slots[t] * args.max_seq + args.positions[t]) * args.kv_heads * args.head_dim;
   if (p < query_pairs) {
     const int offset = (p / half) * static_cast<int>(args.head_dim);
     Rotate(static_cast<const T*>(args.queries) + t * args.queries_stride + offset, cos, sin, half,
-           p % half,
-           static_cast<T*>(args.rotated_queries) + t * args.heads * args.head_dim + offset);
+           i, static_cast<T*>(args.rotated_queries) + t * args.heads * args.head_dim + offset);
   } else if (p < query_pairs + key_pairs) {
     const int q = p - query_pairs;
     const int offset = (q / half) * static_cast<int>(args.head_dim);
-    Rotate(static_cast<const T*>(args.keys) + t * args.keys_stride + offset, cos, sin, half,
-           q % half, static_cast<T*>(args.key_cache) + cache_row + offset);
+    Rotate(static_cast<const T*>(args.keys) + t * args.keys_stride + offset, cos, sin, half, i,
+           static_cast<T*>(args.key_cache) + cache_row + offset);
   } else {
     const int q = p - query_pairs - key_pairs;
     const int offset = (q / half) * static_cast<int>(args.head_dim) + q % half;

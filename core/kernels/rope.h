@@ -3,7 +3,8 @@
 //
 // As ATen ops this is ~5 kernels per tensor (two multiplies, a negation, a concatenation and an
 // add) plus one index_put_ each for the keys and the values: 12 launches per layer, about a third
-// of a small-batch decode step's kernels.
+// of a small-batch decode step's kernels; and 7 a step for the angles' cos and sin, which each
+// thread computes here for its own pair.
 
 #ifndef MOELORA_CORE_KERNELS_ROPE_H_
 #define MOELORA_CORE_KERNELS_ROPE_H_
@@ -30,8 +31,8 @@ struct RopeArgs {
   int64_t keys_stride = 0;
   const void* values = nullptr;
   int64_t values_stride = 0;
-  const void* cos = nullptr;  // [tokens, head_dim], contiguous
-  const void* sin = nullptr;
+  // [head_dim / 2], fp32: pair i of token t turns by positions[t]·inv_freq[i].
+  const float* inv_freq = nullptr;
   void* rotated_queries = nullptr;  // [tokens, heads, head_dim], contiguous
   // [slots, max_seq, kv_heads, head_dim], contiguous: token t's rotated key and its value go to
   // [slots[t], positions[t]].
@@ -42,8 +43,9 @@ struct RopeArgs {
   const int64_t* positions = nullptr;
 };
 
-// x·cos + rotate_half(x)·sin for the queries and keys, rounding after each multiply and after the
-// add as ATen does (so results equal transformers' bit for bit). Launches on `stream`.
+// x·cos + rotate_half(x)·sin for the queries and keys, cos and sin those of the angle
+// positions[t]·inv_freq[i] in fp32 rounded to the element type, rounding after each multiply and
+// after the add as ATen does (so results equal transformers' bit for bit). Launches on `stream`.
 cudaError_t LaunchRopeAndCacheWrite(const RopeArgs& args, cudaStream_t stream);
 
 }  // namespace moelora::kernels

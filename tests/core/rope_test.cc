@@ -24,11 +24,12 @@ TEST(RopeTest, ApplyRopeRotatesPairsHalfADimensionApart) {
   EXPECT_TRUE(at::allclose(ApplyRope(x, cos, sin), expected));
 }
 
-// RotateAndCache equals the ATen ops it replaces (rotate q and k, index_put_ k and v) bit for bit,
-// on the CPU (those ops) and on CUDA (our kernel), for q/k/v laid out as one GEMM's column blocks.
+// RotateAndCache equals the ATen ops it replaces (the angles' cos and sin, rotate q and k,
+// index_put_ k and v) bit for bit, on the CPU (those ops) and on CUDA (our kernel, which computes
+// the angles itself), for q/k/v laid out as one GEMM's column blocks and positions up to 4095.
 TEST(RopeTest, RotateAndCacheEqualsRotateThenIndexPut) {
   at::manual_seed(31);
-  const int64_t tokens = 5, heads = 4, kv_heads = 2, head_dim = 8, slots = 3, max_seq = 6;
+  const int64_t tokens = 5, heads = 4, kv_heads = 2, head_dim = 8, slots = 3, max_seq = 4096;
   for (const c10::Device device : Devices()) {
     for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
       if (device.is_cpu() && dtype == at::kHalf) continue;  // Debian's 1.13 lacks CPU half ops
@@ -39,11 +40,13 @@ TEST(RopeTest, RotateAndCacheEqualsRotateThenIndexPut) {
       const at::Tensor k = qkv.narrow(1, q_width, kv_width).view({tokens, kv_heads, head_dim});
       const at::Tensor v =
           qkv.narrow(1, q_width + kv_width, kv_width).view({tokens, kv_heads, head_dim});
-      const at::Tensor angles = at::rand({tokens, head_dim}, options.dtype(at::kFloat)) * 6;
-      const at::Tensor cos = angles.cos().to(dtype), sin = angles.sin().to(dtype);
+      // transformers' frequencies for theta 10000, and one above 1 for large angles.
+      const at::Tensor inv_freq =
+          at::tensor({1.7f, 0.1f, 0.01f, 0.001f}, at::TensorOptions().device(device));
       const auto longs = at::TensorOptions().device(device).dtype(at::kLong);
       const at::Tensor token_slots = at::tensor({0, 2, 2, 1, 0}, longs);
-      const at::Tensor positions = at::tensor({3, 0, 1, 5, 4}, longs);
+      const at::Tensor positions = at::tensor({3, 0, 4095, 517, 1999}, longs);
+      const auto [cos, sin] = RopeCosSin(positions, inv_freq, dtype);
 
       const at::Tensor expected_keys = at::zeros({slots, max_seq, kv_heads, head_dim}, options);
       const at::Tensor expected_values = at::zeros_like(expected_keys);
@@ -53,7 +56,7 @@ TEST(RopeTest, RotateAndCacheEqualsRotateThenIndexPut) {
 
       const at::Tensor keys = at::zeros_like(expected_keys), values = at::zeros_like(keys);
       const at::Tensor rotated =
-          RotateAndCache(q, k, v, cos, sin, keys, values, token_slots, positions);
+          RotateAndCache(q, k, v, inv_freq, keys, values, token_slots, positions);
       const std::string what =
           ::testing::PrintToString(device) + " " + std::string(c10::toString(dtype));
       EXPECT_TRUE(at::equal(rotated.cpu(), expected_queries.cpu())) << what;
