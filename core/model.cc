@@ -381,7 +381,9 @@ ForwardOutput Model::ForwardValidated(const std::vector<SequenceInput>& batch, K
   plan.positions = LongTensor(positions, device);
   plan.token_slots = LongTensor(token_slots, device);
   plan.slots = LongTensor(slots, device);
-  if (max_new > 1) plan.padded_rows = LongTensor(padded_rows, device);
+  if (max_new > 1 && static_cast<int64_t>(ids.size()) != num_seqs * max_new) {
+    plan.padded_rows = LongTensor(padded_rows, device);
+  }
   const at::Tensor query_pos =
       LongTensor(past, device).view({num_seqs, 1}) +
       at::arange(max_new, at::TensorOptions().dtype(at::kLong).device(device)).view({1, max_new});
@@ -463,12 +465,18 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
   // fp32 models keep the explicit path (the one their golden tests check).
   const bool fused_attention = options_.device.is_cuda() && max_new > 1 &&
                                (options_.dtype == at::kBFloat16 || options_.dtype == at::kHalf);
-  const at::Tensor allowed = fused_attention
-                                 ? blocked_keys()
-                                       .logical_not()
-                                       .expand({num_seqs, 1, groups, max_new, max_total})
-                                       .reshape({num_seqs, 1, groups * max_new, max_total})
-                                 : at::Tensor();
+  // The mask as the additive bias (0 where a key is seen, -inf elsewhere) that
+  // scaled_dot_product_attention makes of a boolean one, made once here rather than by every
+  // layer's call (three kernels over [seqs, groups * max_new, max_total] a layer).
+  at::Tensor attention_bias;
+  if (fused_attention) {
+    const at::Tensor blocked_grouped = blocked_keys()
+                                           .expand({num_seqs, 1, groups, max_new, max_total})
+                                           .reshape({num_seqs, 1, groups * max_new, max_total});
+    attention_bias =
+        at::zeros(blocked_grouped.sizes(), blocked_grouped.options().dtype(options_.dtype))
+            .masked_fill_(blocked_grouped, -std::numeric_limits<double>::infinity());
+  }
 #endif
 
   // h is the residual stream, x its norm for the next block; each residual add and the norm
@@ -500,11 +508,11 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
                                     .narrow(1, 0, max_total)
                                     .index_select(0, plan.slots)
                                     .permute({0, 2, 1, 3});
-      // Queries padded to [seqs, heads, max_new, d] (one token per sequence needs no padding),
-      // grouped per KV head (head = kv * groups + g, as transformers' repeat_kv orders them) so GQA
-      // needs no copy of the keys. The attention core runs in fp32 as fused kernels do: bf16
-      // scores would cost ~1% of every probability.
-      const at::Tensor padded = max_new == 1
+      // Queries padded to [seqs, heads, max_new, d] (sequences of max_new tokens each, a decode
+      // step's one included, need no padding), grouped per KV head (head = kv * groups + g, as
+      // transformers' repeat_kv orders them) so GQA needs no copy of the keys. The attention core
+      // runs in fp32 as fused kernels do: bf16 scores would cost ~1% of every probability.
+      const at::Tensor padded = !plan.padded_rows.defined()
                                     ? q
                                     : at::zeros({num_seqs * max_new, heads, d}, q.options())
                                           .index_copy_(0, plan.padded_rows, q);
@@ -514,7 +522,7 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
       at::Tensor core;  // [seqs, kv_heads, groups * max_new, d] in the model's dtype
 #ifdef MOELORA_HAVE_FUSED_ATTENTION
       if (fused_attention) {
-        core = at::scaled_dot_product_attention(grouped_q, keys, values, allowed, 0.0,
+        core = at::scaled_dot_product_attention(grouped_q, keys, values, attention_bias, 0.0,
                                                 /*is_causal=*/false, scale);
       }
 #endif
@@ -530,7 +538,7 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
       attended = core.reshape({num_seqs, heads, max_new, d})  // fused: maybe strided
                      .permute({0, 2, 1, 3})
                      .reshape({num_seqs * max_new, heads * d});
-      if (max_new > 1) attended = attended.index_select(0, plan.padded_rows);
+      if (plan.padded_rows.defined()) attended = attended.index_select(0, plan.padded_rows);
     }
     const at::Tensor attention_out = proj(layer, ProjectionKind::kO, attended);  // maybe strided
 

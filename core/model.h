@@ -170,7 +170,9 @@ class Model {
     at::Tensor positions;    // [tokens]
     at::Tensor token_slots;  // [tokens]
     at::Tensor slots;        // [seqs]
-    at::Tensor padded_rows;  // [tokens] row of each token in [seqs * max_new]; max_new > 1
+    // [tokens] row of each token in [seqs * max_new], where sequences differ in new tokens
+    // (undefined where the packed tokens already are that matrix: every sequence has max_new).
+    at::Tensor padded_rows;
     // [seqs, 1, 1, max_new, max_total] masked keys. A decode step leaves it undefined: the
     // decoder builds it only if ATen's attention path runs (the decode kernel needs no mask).
     at::Tensor blocked;
