@@ -40,7 +40,7 @@ TEST(RopeTest, RotateAndCacheEqualsRotateThenIndexPut) {
       const at::Tensor k = qkv.narrow(1, q_width, kv_width).view({tokens, kv_heads, head_dim});
       const at::Tensor v =
           qkv.narrow(1, q_width + kv_width, kv_width).view({tokens, kv_heads, head_dim});
-      // transformers' frequencies for theta 10000, and one above 1 for large angles.
+      // theta 10000's frequencies at head_dim 8, the first raised to 1.7 for angles past 4000.
       const at::Tensor inv_freq =
           at::tensor({1.7f, 0.1f, 0.01f, 0.001f}, at::TensorOptions().device(device));
       const auto longs = at::TensorOptions().device(device).dtype(at::kLong);
