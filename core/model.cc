@@ -26,6 +26,10 @@
 #if TORCH_VERSION_MAJOR >= 2
 #define MOELORA_HAVE_FUSED_ATTENTION 1
 #endif
+// Its grouped-query form (enable_gqa) from torch 2.5.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
+#define MOELORA_HAVE_GQA_ATTENTION 1
+#endif
 
 namespace moelora {
 
@@ -384,6 +388,8 @@ ForwardOutput Model::ForwardValidated(const std::vector<SequenceInput>& batch, K
   if (max_new > 1 && static_cast<int64_t>(ids.size()) != num_seqs * max_new) {
     plan.padded_rows = LongTensor(padded_rows, device);
   }
+  plan.causal_only = max_new > 1 && !plan.padded_rows.defined() && max_total == max_new &&
+                     (config_.sliding_window <= 0 || config_.sliding_window >= max_new);
   const at::Tensor query_pos =
       LongTensor(past, device).view({num_seqs, 1}) +
       at::arange(max_new, at::TensorOptions().dtype(at::kLong).device(device)).view({1, max_new});
@@ -457,19 +463,29 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
     }
     return blocked;
   };
-#ifdef MOELORA_HAVE_FUSED_ATTENTION
   // Prefill in bf16/fp16 on CUDA: the attention core is torch's fused kernel (fp32 accumulation
   // inside, no fp32 copy of the cached keys and values; 10% faster prefill on gemma-2b), with the
   // same mask grouped like the queries. A decode step (one query per sequence) takes our decode
   // attention kernel instead where it applies (it measured faster than both torch paths there);
   // fp32 models keep the explicit path (the one their golden tests check).
+#ifdef MOELORA_HAVE_FUSED_ATTENTION
   const bool fused_attention = options_.device.is_cuda() && max_new > 1 &&
                                (options_.dtype == at::kBFloat16 || options_.dtype == at::kHalf);
-  // The mask as the additive bias (0 where a key is seen, -inf elsewhere) that
+#endif
+  // A fresh prefill of equal lengths needs no mask at all: torch's causal form with grouped
+  // queries reads the queries and writes the output in the packed tokens' own layout (no grouped
+  // copy of either) and may take its flash kernel.
+#ifdef MOELORA_HAVE_GQA_ATTENTION
+  const bool causal_attention = fused_attention && plan.causal_only;
+#else
+  const bool causal_attention = false;
+#endif
+#ifdef MOELORA_HAVE_FUSED_ATTENTION
+  // Otherwise the mask as the additive bias (0 where a key is seen, -inf elsewhere) that
   // scaled_dot_product_attention makes of a boolean one, made once here rather than by every
   // layer's call (three kernels over [seqs, groups * max_new, max_total] a layer).
   at::Tensor attention_bias;
-  if (fused_attention) {
+  if (fused_attention && !causal_attention) {
     const at::Tensor blocked_grouped = blocked_keys()
                                            .expand({num_seqs, 1, groups, max_new, max_total})
                                            .reshape({num_seqs, 1, groups * max_new, max_total});
@@ -508,37 +524,47 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
                                     .narrow(1, 0, max_total)
                                     .index_select(0, plan.slots)
                                     .permute({0, 2, 1, 3});
-      // Queries padded to [seqs, heads, max_new, d] (sequences of max_new tokens each, a decode
-      // step's one included, need no padding), grouped per KV head (head = kv * groups + g, as
-      // transformers' repeat_kv orders them) so GQA needs no copy of the keys. The attention core
-      // runs in fp32 as fused kernels do: bf16 scores would cost ~1% of every probability.
-      const at::Tensor padded = !plan.padded_rows.defined()
-                                    ? q
-                                    : at::zeros({num_seqs * max_new, heads, d}, q.options())
-                                          .index_copy_(0, plan.padded_rows, q);
-      const at::Tensor grouped_q = padded.view({num_seqs, max_new, heads, d})
-                                       .permute({0, 2, 1, 3})
-                                       .reshape({num_seqs, kv_heads, groups * max_new, d});
-      at::Tensor core;  // [seqs, kv_heads, groups * max_new, d] in the model's dtype
-#ifdef MOELORA_HAVE_FUSED_ATTENTION
-      if (fused_attention) {
-        core = at::scaled_dot_product_attention(grouped_q, keys, values, attention_bias, 0.0,
-                                                /*is_causal=*/false, scale);
-      }
+      if (causal_attention) {
+#ifdef MOELORA_HAVE_GQA_ATTENTION
+        attended = at::scaled_dot_product_attention(
+                       q.view({num_seqs, max_new, heads, d}).transpose(1, 2), keys, values,
+                       /*attn_mask=*/{}, 0.0, /*is_causal=*/true, scale, /*enable_gqa=*/true)
+                       .transpose(1, 2)
+                       .reshape({num_tokens, heads * d});
 #endif
-      if (!core.defined()) {
-        const at::Tensor scores =
-            (at::matmul(grouped_q.to(accumulate), keys.to(accumulate).transpose(-1, -2)) * scale)
-                .view({num_seqs, kv_heads, groups, max_new, max_total})
-                .masked_fill(blocked_keys(), -std::numeric_limits<float>::infinity());
-        const at::Tensor probs =
-            at::softmax(scores, -1).view({num_seqs, kv_heads, groups * max_new, max_total});
-        core = at::matmul(probs, values.to(accumulate)).to(options_.dtype);
+      } else {
+        // Queries padded to [seqs, heads, max_new, d] (sequences of max_new tokens each, a decode
+        // step's one included, need no padding), grouped per KV head (head = kv * groups + g, as
+        // transformers' repeat_kv orders them) so GQA needs no copy of the keys. The attention core
+        // runs in fp32 as fused kernels do: bf16 scores would cost ~1% of every probability.
+        const at::Tensor padded = !plan.padded_rows.defined()
+                                      ? q
+                                      : at::zeros({num_seqs * max_new, heads, d}, q.options())
+                                            .index_copy_(0, plan.padded_rows, q);
+        const at::Tensor grouped_q = padded.view({num_seqs, max_new, heads, d})
+                                         .permute({0, 2, 1, 3})
+                                         .reshape({num_seqs, kv_heads, groups * max_new, d});
+        at::Tensor core;  // [seqs, kv_heads, groups * max_new, d] in the model's dtype
+#ifdef MOELORA_HAVE_FUSED_ATTENTION
+        if (fused_attention) {
+          core = at::scaled_dot_product_attention(grouped_q, keys, values, attention_bias, 0.0,
+                                                  /*is_causal=*/false, scale);
+        }
+#endif
+        if (!core.defined()) {
+          const at::Tensor scores =
+              (at::matmul(grouped_q.to(accumulate), keys.to(accumulate).transpose(-1, -2)) * scale)
+                  .view({num_seqs, kv_heads, groups, max_new, max_total})
+                  .masked_fill(blocked_keys(), -std::numeric_limits<float>::infinity());
+          const at::Tensor probs =
+              at::softmax(scores, -1).view({num_seqs, kv_heads, groups * max_new, max_total});
+          core = at::matmul(probs, values.to(accumulate)).to(options_.dtype);
+        }
+        attended = core.reshape({num_seqs, heads, max_new, d})  // fused: maybe strided
+                       .permute({0, 2, 1, 3})
+                       .reshape({num_seqs * max_new, heads * d});
+        if (plan.padded_rows.defined()) attended = attended.index_select(0, plan.padded_rows);
       }
-      attended = core.reshape({num_seqs, heads, max_new, d})  // fused: maybe strided
-                     .permute({0, 2, 1, 3})
-                     .reshape({num_seqs * max_new, heads * d});
-      if (plan.padded_rows.defined()) attended = attended.index_select(0, plan.padded_rows);
     }
     const at::Tensor attention_out = proj(layer, ProjectionKind::kO, attended);  // maybe strided
 

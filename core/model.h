@@ -173,6 +173,9 @@ class Model {
     // [tokens] row of each token in [seqs * max_new], where sequences differ in new tokens
     // (undefined where the packed tokens already are that matrix: every sequence has max_new).
     at::Tensor padded_rows;
+    // Every sequence starts empty and brings max_new tokens, within any sliding window: the mask
+    // is plain causal (a fresh prefill of equal lengths).
+    bool causal_only = false;
     // [seqs, 1, 1, max_new, max_total] masked keys. A decode step leaves it undefined: the
     // decoder builds it only if ATen's attention path runs (the decode kernel needs no mask).
     at::Tensor blocked;
