@@ -473,8 +473,8 @@ at::Tensor Model::RunDecoder(const StepPlan& plan, KvCache& cache, const LinearD
                                (options_.dtype == at::kBFloat16 || options_.dtype == at::kHalf);
 #endif
   // A fresh prefill of equal lengths needs no mask at all: torch's causal form with grouped
-  // queries reads the queries and writes the output in the packed tokens' own layout (no grouped
-  // copy of either) and may take its flash kernel.
+  // queries reads the queries as a view of the packed tokens (no grouped copy, no bias) and may
+  // take its flash kernel.
 #ifdef MOELORA_HAVE_GQA_ATTENTION
   const bool causal_attention = fused_attention && plan.causal_only;
 #else
