@@ -424,10 +424,13 @@ at::Tensor MixtureDelta::ActiveA(const ProjectionId& id) const {
   return FirstSlots(pool_.stacks_[ProjectionIndex(id)].a, snapshot_->size());
 }
 
+at::Tensor MixtureDelta::ActiveBt(const ProjectionId& id) const {
+  return FirstSlots(pool_.stacks_[ProjectionIndex(id)].bt, snapshot_->size());
+}
+
 at::Tensor MixtureDelta::ApplyShrunk(const ProjectionId& id, at::Tensor shrink,
                                      at::Tensor base_output) const {
-  const at::Tensor bt = FirstSlots(pool_.stacks_[ProjectionIndex(id)].bt, snapshot_->size());
-  WeightedExpandAdd(base_output, shrink, row_weights_, bt);
+  WeightedExpandAdd(base_output, shrink, row_weights_, ActiveBt(id));
   return base_output;
 }
 
@@ -436,8 +439,7 @@ std::vector<at::Tensor> MixtureDelta::ApplyShrunkEach(absl::Span<const Projectio
                                                       std::vector<at::Tensor> base_outputs) const {
   std::vector<WeightedExpandTarget> targets;
   for (size_t i = 0; i < ids.size(); ++i) {
-    targets.push_back({base_outputs[i], std::move(shrinks[i]),
-                       FirstSlots(pool_.stacks_[ProjectionIndex(ids[i])].bt, snapshot_->size())});
+    targets.push_back({base_outputs[i], std::move(shrinks[i]), ActiveBt(ids[i])});
   }
   WeightedExpandAddEach(targets, row_weights_);
   return base_outputs;

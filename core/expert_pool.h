@@ -223,6 +223,8 @@ class MixtureDelta : public LinearDelta {
                                           bool ExpertPool::Stack::*in_room) const;
   // The active slots' A rows of a projection, [n * max_rank, in] (scaling folded in).
   at::Tensor ActiveA(const ProjectionId& id) const;
+  // The active slots' Bᵀ rows of a projection, [n * max_rank, out].
+  at::Tensor ActiveBt(const ProjectionId& id) const;
 
   const ExpertPool& pool_;
   std::shared_ptr<const ExpertSnapshot> snapshot_;
