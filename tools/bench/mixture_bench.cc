@@ -382,65 +382,130 @@ at::Tensor StepWeights(int64_t batch, int64_t k, int64_t top_k, int64_t step) {
   return weights;
 }
 
-// One decode step (one new token for each of `batch` sequences, each with decode_context tokens
+// Decode steps (one new token for each of `batch` sequences, each with decode_context tokens
 // already cached) of the base model (k = 0) or the fused pass over k experts (uniform weights, or
 // top-k routing): the step the serving engine runs once per generated token. With `graphs`,
 // through DecodeGraphs as the engine runs it (captured at the first step, replayed after).
-void BM_Decode(benchmark::State& state, int64_t batch, int k, int64_t top_k, bool graphs) {
-  Setup& s = Global();
-  const int64_t context = absl::GetFlag(FLAGS_decode_context);
-  const int64_t vocab = s.model->config().vocab_size;
-  const int64_t needed = context + absl::GetFlag(FLAGS_decode_steps) + 1;
-  auto cache =
-      s.model->CreateKvCache(batch, std::max(needed, absl::GetFlag(FLAGS_decode_cache_len)));
-  Check(cache.status());
-  std::vector<SequenceInput> prompts, step;
-  for (int64_t b = 0; b < batch; ++b) {
-    std::vector<int64_t> tokens(context);
-    for (int64_t t = 0; t < context; ++t) tokens[t] = (b * 7919 + t * 104729) % vocab;
-    prompts.push_back({b, std::move(tokens)});
-    step.push_back({b, {(b * 31) % vocab}});
-  }
-  // Prefill in chunks of up to 8 sequences (a 64 x 512 prompt batch is not what is timed).
-  for (size_t first = 0; first < prompts.size(); first += 8) {
-    const std::vector<SequenceInput> chunk(prompts.begin() + first,
-                                           prompts.begin() + std::min(prompts.size(), first + 8));
-    Check(s.model->Forward(chunk, *cache).status());
-  }
-  const auto snapshot = k > 0 ? FirstExperts(k) : nullptr;
-  at::Tensor weights = StepWeights(batch, k, top_k, 0);
-  DecodeGraphs decode_graphs(*s.model, *cache,
-                             {.max_batch = batch, .current_snapshot_only = false});
-  DecodeGraphs* use = graphs ? &decode_graphs : nullptr;
-  PeakMemory peak(state);
-  int64_t iteration = 0;
-  for (auto _ : state) {
-    for (int64_t b = 0; b < batch; ++b) step[b].tokens[0] = (b * 31 + iteration * 7) % vocab;
-    if (top_k > 0 && iteration > 0) {
-      // New experts every step, made outside the timing: the engine's router writes them as part
-      // of routing. Uniform weights stay as they are.
-      state.PauseTiming();
-      weights = StepWeights(batch, k, top_k, iteration);
-      state.ResumeTiming();
+class Decode {
+ public:
+  Decode(int64_t batch, int k, int64_t top_k, bool graphs)
+      : batch_(batch), k_(k), top_k_(top_k), vocab_(Global().model->config().vocab_size) {
+    Setup& s = Global();
+    const int64_t context = absl::GetFlag(FLAGS_decode_context);
+    const int64_t needed = context + absl::GetFlag(FLAGS_decode_steps) + 1;
+    auto cache =
+        s.model->CreateKvCache(batch, std::max(needed, absl::GetFlag(FLAGS_decode_cache_len)));
+    Check(cache.status());
+    cache_.emplace(std::move(*cache));
+    std::vector<SequenceInput> prompts;
+    for (int64_t b = 0; b < batch; ++b) {
+      std::vector<int64_t> tokens(context);
+      for (int64_t t = 0; t < context; ++t) tokens[t] = (b * 7919 + t * 104729) % vocab_;
+      prompts.push_back({b, std::move(tokens)});
+      step_.push_back({b, {(b * 31) % vocab_}});
     }
-    ++iteration;
-    absl::StatusOr<ForwardOutput> out =
-        k > 0
-            ? s.mixture->ForwardWithWeights(step, *cache, snapshot, weights, {.decode_graphs = use})
-        : use != nullptr ? use->Run(step, *cache, nullptr, nullptr, {})
-                         : s.model->Forward(step, *cache);
-    Check(out.status());
-    Finish(state, out->logits);
+    // Prefill in chunks of up to 8 sequences (a 64 x 512 prompt batch is not what is timed).
+    for (size_t first = 0; first < prompts.size(); first += 8) {
+      const std::vector<SequenceInput> chunk(prompts.begin() + first,
+                                             prompts.begin() + std::min(prompts.size(), first + 8));
+      Check(s.model->Forward(chunk, *cache_).status());
+    }
+    if (k > 0) snapshot_ = FirstExperts(k);
+    weights_ = StepWeights(batch, k, top_k, 0);
+    if (graphs) {
+      graphs_ = std::make_unique<DecodeGraphs>(
+          *s.model, *cache_,
+          DecodeGraphOptions{.max_batch = batch, .current_snapshot_only = false});
+    }
   }
-  if (graphs) {
-    Check(decode_graphs.disabled());
-    if (decode_graphs.stats().replays == 0) {
+
+  // The next step's tokens and (top-k routing) experts: the engine's router writes the latter
+  // as part of routing, so they are made outside the timing. Uniform weights stay as they are.
+  void PrepareStep() {
+    for (int64_t b = 0; b < batch_; ++b) step_[b].tokens[0] = (b * 31 + steps_ * 7) % vocab_;
+    if (top_k_ > 0 && steps_ > 0) weights_ = StepWeights(batch_, k_, top_k_, steps_);
+  }
+
+  // One step, until its logits are on the host.
+  void Step() {
+    Setup& s = Global();
+    ++steps_;
+    absl::StatusOr<ForwardOutput> out =
+        k_ > 0               ? s.mixture->ForwardWithWeights(step_, *cache_, snapshot_, weights_,
+                                                             {.decode_graphs = graphs_.get()})
+        : graphs_ != nullptr ? graphs_->Run(step_, *cache_, nullptr, nullptr, {})
+                             : s.model->Forward(step_, *cache_);
+    Check(out.status());
+    benchmark::DoNotOptimize(out->logits.sum().item<float>());  // waits for the device
+  }
+
+  // PrepareStep, then Step's wall time, ms.
+  double TimedStep() {
+    PrepareStep();
+    const auto start = std::chrono::steady_clock::now();
+    Step();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+        .count();
+  }
+
+  // With graphs: checks that they stayed on and replayed, and returns the replays.
+  int64_t CheckedReplays() const {
+    if (graphs_ == nullptr) return 0;
+    Check(graphs_->disabled());
+    if (graphs_->stats().replays == 0) {
       std::cerr << "decode through graphs replayed no graph\n";
       std::exit(1);
     }
-    state.counters["graph_replays"] = static_cast<double>(decode_graphs.stats().replays);
+    return graphs_->stats().replays;
   }
+
+ private:
+  const int64_t batch_;
+  const int k_;
+  const int64_t top_k_;
+  const int64_t vocab_;
+  std::optional<KvCache> cache_;
+  std::vector<SequenceInput> step_;
+  std::shared_ptr<const ExpertSnapshot> snapshot_;
+  at::Tensor weights_;
+  std::unique_ptr<DecodeGraphs> graphs_;
+  int64_t steps_ = 0;
+};
+
+void BM_Decode(benchmark::State& state, int64_t batch, int k, int64_t top_k, bool graphs) {
+  Decode decode(batch, k, top_k, graphs);
+  PeakMemory peak(state);
+  for (auto _ : state) {
+    state.PauseTiming();
+    decode.PrepareStep();
+    state.ResumeTiming();
+    decode.Step();
+  }
+  if (graphs) state.counters["graph_replays"] = static_cast<double>(decode.CheckedReplays());
   state.SetItemsProcessed(state.iterations() * batch);  // items/s = generated tokens/s
+}
+
+// Base and fused decode steps in alternation, as BM_PrefillPair: each iteration one step of
+// each (the order swapped every iteration), each on its own cache and graphs, timed on its own.
+// Counters: base_ms, fused_ms (medians) and fused_over_base (the median of the pairs' ratios).
+void BM_DecodePair(benchmark::State& state, int64_t batch, int k, bool graphs) {
+  Decode base(batch, 0, 0, graphs), fused(batch, k, 0, graphs);
+  std::vector<double> base_ms, fused_ms, ratios;
+  bool fused_first = false;
+  for (auto _ : state) {
+    const double first = fused_first ? fused.TimedStep() : base.TimedStep();
+    const double second = fused_first ? base.TimedStep() : fused.TimedStep();
+    base_ms.push_back(fused_first ? second : first);
+    fused_ms.push_back(fused_first ? first : second);
+    ratios.push_back(fused_ms.back() / base_ms.back());
+    fused_first = !fused_first;
+  }
+  base.CheckedReplays();
+  fused.CheckedReplays();
+  state.counters["base_ms"] = Median(base_ms);
+  state.counters["fused_ms"] = Median(fused_ms);
+  state.counters["fused_over_base"] = Median(ratios);
+  state.SetItemsProcessed(state.iterations() * 2 * batch);
 }
 
 // Device-to-device copy of 1 GiB: the bandwidth behind the decode step's weight-read floor
@@ -548,6 +613,14 @@ int main(int argc, char** argv) {
               moelora::BM_Decode, batch, static_cast<int>(k), routed, graphs)
               ->Iterations(absl::GetFlag(FLAGS_decode_steps))
               ->Unit(benchmark::kMillisecond);
+          if (k > 0 && routed == 0) {
+            benchmark::RegisterBenchmark(
+                absl::StrCat("decode/pair/K=", k, "/batch=", batch, graphs ? "/graph" : "/eager")
+                    .c_str(),
+                moelora::BM_DecodePair, batch, static_cast<int>(k), graphs)
+                ->Iterations(absl::GetFlag(FLAGS_decode_steps))
+                ->Unit(benchmark::kMillisecond);
+          }
         }
       }
     }
