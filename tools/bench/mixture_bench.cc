@@ -329,22 +329,16 @@ double Median(std::vector<double> values) {
   return values[values.size() / 2];
 }
 
-// Base and fused prefill in alternation, one of each an iteration (which goes first swaps every
-// iteration), each timed on its own. prefill/base alone measured 27.4 to 30.6 ms across runs of
-// one build (prefill is compute-bound, and the card's clocks differ from run to run), so the
-// ratio of the two separate cases moved by several points; the two halves of a pair see the
-// same clocks. Counters: base_ms and fused_ms (medians) and fused_over_base (the median of the
-// pairs' ratios).
-void BM_PrefillPair(benchmark::State& state, int k) {
-  Setup& s = Global();
-  Prefill base(0), fused(k);
-  base.Run();
-  fused.Run();
+// The loop of the paired cases: each iteration one base and one fused run (which goes first
+// swaps every iteration), each returning its own wall time in ms. Sets the counters base_ms and
+// fused_ms (medians) and fused_over_base (the median of the pairs' ratios).
+template <typename TimedBase, typename TimedFused>
+void TimePairs(benchmark::State& state, TimedBase timed_base, TimedFused timed_fused) {
   std::vector<double> base_ms, fused_ms, ratios;
   bool fused_first = false;
   for (auto _ : state) {
-    const double first = fused_first ? fused.Timed() : base.Timed();
-    const double second = fused_first ? base.Timed() : fused.Timed();
+    const double first = fused_first ? timed_fused() : timed_base();
+    const double second = fused_first ? timed_base() : timed_fused();
     base_ms.push_back(fused_first ? second : first);
     fused_ms.push_back(fused_first ? first : second);
     ratios.push_back(fused_ms.back() / base_ms.back());
@@ -353,6 +347,19 @@ void BM_PrefillPair(benchmark::State& state, int k) {
   state.counters["base_ms"] = Median(base_ms);
   state.counters["fused_ms"] = Median(fused_ms);
   state.counters["fused_over_base"] = Median(ratios);
+}
+
+// Base and fused prefill in alternation (TimePairs). prefill/base alone measured 27.4 to 30.6 ms
+// across runs of one build (prefill is compute-bound, and the card's clocks differ from run to
+// run), so the ratio of the two separate cases moved by several points; the two halves of a pair
+// see the same clocks.
+void BM_PrefillPair(benchmark::State& state, int k) {
+  Setup& s = Global();
+  Prefill base(0), fused(k);
+  base.Run();
+  fused.Run();
+  TimePairs(
+      state, [&] { return base.Timed(); }, [&] { return fused.Timed(); });
   state.SetItemsProcessed(state.iterations() * 2 * s.tokens);
 }
 
@@ -489,26 +496,13 @@ void BM_Decode(benchmark::State& state, int64_t batch, int k, int64_t top_k, boo
   state.SetItemsProcessed(state.iterations() * batch);  // items/s = generated tokens/s
 }
 
-// Base and fused decode steps in alternation, as BM_PrefillPair: each iteration one step of
-// each (the order swapped every iteration), each on its own cache and graphs, timed on its own.
-// Counters: base_ms, fused_ms (medians) and fused_over_base (the median of the pairs' ratios).
+// Base and fused decode steps in alternation (TimePairs), each on its own cache and graphs.
 void BM_DecodePair(benchmark::State& state, int64_t batch, int k, bool graphs) {
   Decode base(batch, 0, 0, graphs), fused(batch, k, 0, graphs);
-  std::vector<double> base_ms, fused_ms, ratios;
-  bool fused_first = false;
-  for (auto _ : state) {
-    const double first = fused_first ? fused.TimedStep() : base.TimedStep();
-    const double second = fused_first ? base.TimedStep() : fused.TimedStep();
-    base_ms.push_back(fused_first ? second : first);
-    fused_ms.push_back(fused_first ? first : second);
-    ratios.push_back(fused_ms.back() / base_ms.back());
-    fused_first = !fused_first;
-  }
+  TimePairs(
+      state, [&] { return base.TimedStep(); }, [&] { return fused.TimedStep(); });
   base.CheckedReplays();
   fused.CheckedReplays();
-  state.counters["base_ms"] = Median(base_ms);
-  state.counters["fused_ms"] = Median(fused_ms);
-  state.counters["fused_over_base"] = Median(ratios);
   state.SetItemsProcessed(state.iterations() * 2 * batch);
 }
 

@@ -35,6 +35,15 @@ def medians(bench):
     return rows
 
 
+def fused_over_base(rows, pair, fused, base):
+    """(fused / base, how): the paired case's ratio (base and fused alternating, the same clocks)
+    where it ran, else the ratio of the two separate cases."""
+    paired = rows.get(pair, {}).get("fused_over_base")
+    if paired is not None:
+        return paired, "paired"
+    return ratio(ms(rows, fused), ms(rows, base)), "separate cases"
+
+
 def fmt(value, digits=2):
     if value is None:
         return "n/a"
@@ -178,18 +187,11 @@ def main():
         ok = None if own is None else own >= own_goal and (vs_hf is None or vs_hf >= hf_goal)
         lines.append(f"| fused vs K-pass prefill K={k}: >= {own_goal}x ours, >= {hf_goal}x HF | "
                      f"{fmt(own)}x ours, {fmt(vs_hf)}x HF | {check(ok)} |")
-    base, fused8 = ms(rows, "prefill/base"), ms(rows, "prefill/fused/K=8")
-    over = ratio(fused8, base)
-    how = "separate cases"
-    # The paired case (base and fused alternating, the same clocks) where it ran.
-    if rows.get("prefill/pair/K=8", {}).get("fused_over_base") is not None:
-        over, how = rows["prefill/pair/K=8"]["fused_over_base"], "paired"
+    over, how = fused_over_base(rows, "prefill/pair/K=8", "prefill/fused/K=8", "prefill/base")
     lines.append(f"| fused K=8 vs base, prefill: <= +10% | {fmt(None if over is None else (over - 1) * 100, 1)}% ({how}) | "
                  f"{check(None if over is None else over <= 1.10)} |")
-    dec = ratio(ms(rows, "decode/fused/K=8/batch=32/graph"), ms(rows, "decode/base/batch=32/graph"))
-    how = "separate cases"
-    if rows.get("decode/pair/K=8/batch=32/graph", {}).get("fused_over_base") is not None:
-        dec, how = rows["decode/pair/K=8/batch=32/graph"]["fused_over_base"], "paired"
+    dec, how = fused_over_base(rows, "decode/pair/K=8/batch=32/graph",
+                               "decode/fused/K=8/batch=32/graph", "decode/base/batch=32/graph")
     lines.append(f"| fused K=8 vs base, decode batch 32: <= +15% | {fmt(None if dec is None else (dec - 1) * 100, 1)}% ({how}) | "
                  f"{check(None if dec is None else dec <= 1.15)} |")
     base_row, fused_row = rows.get("prefill/base", {}), rows.get("prefill/fused/K=8", {})
